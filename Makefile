@@ -1,0 +1,46 @@
+# Thin wrapper around meson/ninja.  `make demo` and `make check` install the
+# Debian packages they need first (scripts/install-deps is idempotent).
+BUILD ?= build
+ASAN_BUILD ?= build-asan
+PREFIX ?= /usr/local
+
+.PHONY: all deps demo check check-unit check-integration check-asan install clean bench
+
+all: $(BUILD)/build.ninja
+	ninja -C $(BUILD)
+
+$(BUILD)/build.ninja:
+	meson setup $(BUILD) --prefix=$(PREFIX)
+
+$(ASAN_BUILD)/build.ninja:
+	meson setup $(ASAN_BUILD) -Db_sanitize=address,undefined -Db_lundef=false --buildtype=debug
+
+deps:
+	scripts/install-deps
+
+demo: deps all
+	scripts/demo
+
+check: deps all check-unit check-integration check-asan
+
+check-unit: all
+	meson test -C $(BUILD) --print-errorlogs
+
+check-integration: all
+	VDISK_BUILD=$(CURDIR)/$(BUILD) /usr/bin/python3 -m pytest -q tests/integration
+
+check-asan: $(ASAN_BUILD)/build.ninja
+	ninja -C $(ASAN_BUILD)
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		meson test -C $(ASAN_BUILD) --print-errorlogs
+	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		VDISK_BUILD=$(CURDIR)/$(ASAN_BUILD) /usr/bin/python3 -m pytest -q tests/integration
+
+install: all
+	meson install -C $(BUILD)
+
+bench: all
+	bench/drivers.sh
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD)
