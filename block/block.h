@@ -1,0 +1,258 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The block layer: a graph of nodes.  Protocol leaves ("file") are libvdisk
+ * instances; format nodes (raw, qcow2) sit on a `file` child and may have a
+ * `backing` child.  Nodes are opened from QEMU-style options, either dotted
+ * strings ("driver=qcow2,file.driver=file,file.filename=a.qcow2") or JSON,
+ * both parsed into a jansson object.
+ *
+ * Request path: the vd_bnode_co_*() entry points run in a coroutine; they
+ * check range and permissions, handle request alignment (read-modify-write
+ * with bounce buffers, serialised against overlapping requests), apply the
+ * cache mode (writethrough = flush after every write), and call the format.
+ * Formats call the same entry points on their children.
+ *
+ * Errors: negative errno, with a message left by vd_error() (read with
+ * vdisk_get_error_msg()).
+ */
+#ifndef VD_BLOCK_H
+#define VD_BLOCK_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "vdisk.h"
+
+struct vd_bnode;
+
+/* ---- scatter/gather lists ------------------------------------------------ */
+
+struct vd_qiov {
+	struct iovec *iov;
+	int niov;
+	int nalloc;
+	size_t size; /* sum of iov_len */
+	struct iovec inline_iov[4];
+};
+
+void vd_qiov_init(struct vd_qiov *q);
+void vd_qiov_init_buf(struct vd_qiov *q, void *buf, size_t len); /* one element */
+void vd_qiov_reset(struct vd_qiov *q);                           /* empty, keep storage */
+void vd_qiov_destroy(struct vd_qiov *q);
+int vd_qiov_add(struct vd_qiov *q, void *base, size_t len);
+/* Append the bytes [off, off+len) of src to dst (no copy of data). */
+int vd_qiov_add_slice(struct vd_qiov *dst, const struct vd_qiov *src, size_t off, size_t len);
+void vd_qiov_memset(struct vd_qiov *q, size_t off, int c, size_t len);
+size_t vd_qiov_to_buf(const struct vd_qiov *q, size_t off, void *buf, size_t len);
+size_t vd_qiov_from_buf(struct vd_qiov *q, size_t off, const void *buf, size_t len);
+bool vd_qiov_is_zero(const struct vd_qiov *q, size_t off, size_t len);
+
+/* ---- request flags and block status -------------------------------------- */
+
+enum {
+	VD_BREQ_FUA = 1 << 0,         /* write: durable on completion */
+	VD_BREQ_MAY_UNMAP = 1 << 1,   /* write-zeroes: may deallocate */
+	VD_BREQ_NO_FALLBACK = 1 << 2, /* write-zeroes: -ENOTSUP rather than write zero buffers */
+	VD_BREQ_COPY_ON_READ = 1 << 3,
+};
+
+/* Block status answer flags (as QEMU's BDRV_BLOCK_*). */
+enum {
+	VD_BS_DATA = 1 << 0,         /* reads come from this layer's data (or a file below) */
+	VD_BS_ZERO = 1 << 1,         /* reads return zeroes */
+	VD_BS_OFFSET_VALID = 1 << 2, /* *map is the offset in *file */
+	VD_BS_ALLOCATED = 1 << 3,    /* this layer answers for the range (not the backing) */
+	VD_BS_EOF = 1 << 4,
+	VD_BS_RECURSE = 1 << 5, /* ask *file for the real answer (raw over file) */
+};
+
+/* ---- cache modes ---------------------------------------------------------- */
+
+struct vd_cache_mode {
+	bool writeback; /* false: writethrough, flush after every write */
+	bool direct;    /* O_DIRECT on the protocol leaves */
+	bool no_flush;  /* flushes are dropped (unsafe) */
+};
+/* "none", "writeback", "writethrough", "directsync", "unsafe". */
+int vd_cache_mode_parse(const char *name, struct vd_cache_mode *out);
+
+/* ---- formats and protocols ------------------------------------------------ */
+
+struct vd_check_result {
+	int64_t corruptions;
+	int64_t leaks;
+	int64_t check_errors;
+	int64_t corruptions_fixed;
+	int64_t leaks_fixed;
+	int64_t image_end_offset;
+	int64_t total_clusters;
+	int64_t allocated_clusters;
+	int64_t fragmented_clusters;
+	int64_t compressed_clusters;
+};
+
+enum { VD_CHECK_FIX_LEAKS = 1, VD_CHECK_FIX_ERRORS = 2 };
+
+struct vd_snapshot_info {
+	char id[64];
+	char name[256];
+	uint64_t vm_state_size;
+	uint64_t date_sec;
+	uint32_t date_nsec;
+	uint64_t vm_clock_nsec;
+	uint64_t icount;
+};
+
+/* Options given to a format's create(). */
+struct vd_create_opts {
+	const char *filename;
+	uint64_t size;
+	json_t *opts; /* -o key=value pairs: cluster_size, backing_file, ... (strings) */
+};
+
+struct vd_format {
+	const char *name;
+	size_t state_size;  /* bs->opaque */
+	bool is_protocol;   /* a leaf: opened on a filename, no file child */
+	bool supports_backing;
+
+	/* Score 0..100 for this image header (probing); optional. */
+	int (*probe)(const uint8_t *buf, size_t len);
+	/* Open: format nodes find their `file` child already in bs->file. */
+	int (*open)(struct vd_bnode *bs, json_t *opts, int flags);
+	void (*close)(struct vd_bnode *bs);
+
+	/* All co_ ops run in a coroutine; offsets/lengths are validated. */
+	int (*co_preadv)(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off, int flags);
+	int (*co_pwritev)(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off, int flags);
+	int (*co_pwrite_zeroes)(struct vd_bnode *bs, uint64_t off, uint64_t len, int flags);
+	int (*co_pdiscard)(struct vd_bnode *bs, uint64_t off, uint64_t len);
+	/* Write back the format's own caches to bs->file (the framework then flushes children). */
+	int (*co_flush)(struct vd_bnode *bs);
+	/*
+	 * Status of [off, off+len): returns VD_BS_* flags and *pnum bytes (>0)
+	 * with that status; *map/*file when VD_BS_OFFSET_VALID.  Optional: the
+	 * default says DATA|ALLOCATED for protocols, and asks bs->file for raw.
+	 */
+	int (*co_block_status)(struct vd_bnode *bs, uint64_t off, uint64_t len, uint64_t *pnum, uint64_t *map,
+			       struct vd_bnode **file);
+	int (*co_truncate)(struct vd_bnode *bs, uint64_t size, bool exact, const char *prealloc);
+	/* Bytes the node occupies on its host (actual-size), -errno if unknown. */
+	int64_t (*get_allocated_size)(struct vd_bnode *bs);
+
+	/* Image creation (format nodes create the protocol file through vd_create_file()). */
+	int (*create)(const struct vd_create_opts *o);
+	/* Extra keys for `info --output=json` ("format-specific" object). */
+	int (*get_info)(struct vd_bnode *bs, json_t *info);
+	int (*co_check)(struct vd_bnode *bs, struct vd_check_result *res, int fix);
+	int (*co_amend)(struct vd_bnode *bs, json_t *opts);
+	/* Change the backing file name in the header (rebase, commit). */
+	int (*co_change_backing)(struct vd_bnode *bs, const char *backing_file, const char *backing_fmt);
+	/* Cluster size / granularity for map, convert and measure (0 = none). */
+	uint32_t (*cluster_size)(struct vd_bnode *bs);
+
+	/* Internal snapshots. */
+	int (*snapshot_create)(struct vd_bnode *bs, const char *name);
+	int (*snapshot_list)(struct vd_bnode *bs, struct vd_snapshot_info **list, int *count);
+	int (*snapshot_goto)(struct vd_bnode *bs, const char *name_or_id);
+	int (*snapshot_delete)(struct vd_bnode *bs, const char *name_or_id);
+};
+
+/* ---- nodes ----------------------------------------------------------------- */
+
+enum {
+	VD_BO_RDWR = 1 << 0,
+	VD_BO_NO_BACKING = 1 << 1, /* do not open the backing chain */
+	VD_BO_NO_IO = 1 << 2,      /* metadata only (info) */
+	VD_BO_CHECK = 1 << 3,      /* opened for check: tolerate corruption */
+};
+
+struct vd_bnode {
+	const struct vd_format *fmt;
+	char *node_name;
+	char *filename;     /* protocol: path; format: its file's filename */
+	void *opaque;       /* fmt->state_size bytes */
+	struct vd_bnode *file;
+	struct vd_bnode *backing;
+	char backing_file[1024]; /* as recorded in the image header ("" none) */
+	char backing_format[32];
+	uint64_t size;      /* virtual size in bytes */
+	bool read_only;
+	bool corrupt;       /* format found corruption: serve read-only */
+	struct vd_cache_mode cache;
+	uint32_t request_alignment; /* the framework aligns requests to this (RMW) */
+	uint32_t max_transfer;      /* 0 = unlimited */
+	int refcnt;
+	int open_flags;
+	/* Overlapping-request serialisation (RMW and formats that ask for it). */
+	struct vd_tracked *tracked;
+	/* Statistics. */
+	uint64_t rd_ops, wr_ops, rd_bytes, wr_bytes, flush_ops;
+};
+
+/*
+ * Open a node.  spec: a filename, a dotted option string ("driver=...,...")
+ * or JSON ("json:{...}" or "{...}").  fmt: force this format (NULL = from
+ * spec or probing).  Returns NULL with the message in vdisk_get_error_msg().
+ */
+struct vd_bnode *vd_bnode_open(const char *spec, const char *fmt, const struct vd_cache_mode *cache, int flags);
+/* Open from an already parsed option object (borrowed). */
+struct vd_bnode *vd_bnode_open_opts(json_t *opts, const struct vd_cache_mode *cache, int flags);
+void vd_bnode_unref(struct vd_bnode *bs);
+/* For formats: open bs->backing from bs->backing_file/format (relative to bs's file). */
+int vd_bnode_open_backing(struct vd_bnode *bs, json_t *backing_opts);
+
+const struct vd_format *vd_format_find(const char *name);
+/* Probe the format of a file from its first bytes ("raw" if nothing matches). */
+const char *vd_format_probe(const char *filename);
+/* Create a protocol file (truncated to size; prealloc "off"/"falloc"/"full"). */
+int vd_create_file(const char *filename, uint64_t size, const char *prealloc);
+/* Create an image of format fmt; o->opts values are strings. */
+int vd_image_create(const char *fmt, const struct vd_create_opts *o);
+
+/* Parse "a=1,b.c=x" (',,' escapes a comma) into nested JSON objects; NULL + vd_error on failure. */
+json_t *vd_opts_parse(const char *str);
+/* Parse spec as above: "json:{...}", "{...}", dotted, or a plain filename (-> {"filename": spec}). */
+json_t *vd_opts_parse_spec(const char *spec);
+/* Typed option getters on a JSON object (strings "on"/"off"/numbers accepted). */
+const char *vd_opt_str(json_t *o, const char *key, const char *def);
+int vd_opt_bool(json_t *o, const char *key, bool def, bool *out);
+int vd_opt_u64(json_t *o, const char *key, uint64_t def, uint64_t *out); /* accepts k/M/G suffixes */
+
+/* ---- I/O: coroutine entry points (call from a coroutine) ------------------ */
+
+int vd_bnode_co_preadv(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off, int flags);
+int vd_bnode_co_pwritev(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off, int flags);
+int vd_bnode_co_pread(struct vd_bnode *bs, uint64_t off, void *buf, size_t len);
+int vd_bnode_co_pwrite(struct vd_bnode *bs, uint64_t off, const void *buf, size_t len, int flags);
+int vd_bnode_co_pwrite_zeroes(struct vd_bnode *bs, uint64_t off, uint64_t len, int flags);
+int vd_bnode_co_pdiscard(struct vd_bnode *bs, uint64_t off, uint64_t len);
+int vd_bnode_co_flush(struct vd_bnode *bs);
+int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, uint64_t *pnum, uint64_t *map,
+			     struct vd_bnode **file);
+/* Status through the backing chain down to base (exclusive; NULL = whole chain): allocated anywhere above base? */
+int vd_bnode_co_is_allocated_above(struct vd_bnode *top, struct vd_bnode *base, uint64_t off, uint64_t len,
+				   uint64_t *pnum);
+int vd_bnode_co_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const char *prealloc);
+
+/* ---- I/O: synchronous wrappers (from plain threads; run the loop) -------- */
+
+int vd_bnode_pread(struct vd_bnode *bs, uint64_t off, void *buf, size_t len);
+int vd_bnode_pwrite(struct vd_bnode *bs, uint64_t off, const void *buf, size_t len, int flags);
+int vd_bnode_pwrite_zeroes(struct vd_bnode *bs, uint64_t off, uint64_t len, int flags);
+int vd_bnode_pdiscard(struct vd_bnode *bs, uint64_t off, uint64_t len);
+int vd_bnode_flush(struct vd_bnode *bs);
+int vd_bnode_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, uint64_t *pnum, uint64_t *map,
+			  struct vd_bnode **file);
+int vd_bnode_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const char *prealloc);
+int vd_bnode_check(struct vd_bnode *bs, struct vd_check_result *res, int fix);
+int64_t vd_bnode_allocated_size(struct vd_bnode *bs);
+
+/* Aligned buffer helpers (page aligned, suitable for O_DIRECT). */
+void *vd_blk_alloc(size_t len);
+void vd_blk_free(void *p);
+
+#endif
