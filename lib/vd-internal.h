@@ -226,6 +226,7 @@ extern const struct vd_driver vd_driver_posix_aio;
 extern const struct vd_driver vd_driver_threads;
 extern const struct vd_driver vd_driver_sync;
 extern const struct vd_driver vd_driver_null;
+extern const struct vd_driver vd_driver_nbd;
 
 static inline void *vd_priv(struct vdisk *v)
 {

@@ -10,6 +10,7 @@
 static const struct vd_driver *const drivers[] = {
 	&vd_driver_io_uring, &vd_driver_linux_aio, &vd_driver_posix_aio,
 	&vd_driver_threads,  &vd_driver_sync,      &vd_driver_null,
+	&vd_driver_nbd,
 };
 #define N_DRIVERS (sizeof(drivers) / sizeof(drivers[0]))
 
