@@ -101,27 +101,29 @@ static bool overlaps_mapped(struct vdisk *v, const struct vdisk_mem_region *r)
 	return false;
 }
 
+/*
+ * The slot table is allocated once, at its final size, so that queue threads
+ * reading it (vd_mem_region_lookup) never see it move.
+ */
+#define MAX_REGION_SLOTS 4096
+
 static int free_slot(struct vdisk *v)
 {
-	int n;
+	if (!v->regions) {
+		uint64_t n = v->max_mem_regions < MAX_REGION_SLOTS ? v->max_mem_regions : MAX_REGION_SLOTS;
 
+		if (n == 0)
+			return vd_error(ENOTSUP, "vdisk_map_mem_region: driver '%s' takes no memory regions", v->drv->name);
+		v->regions = calloc(n, sizeof(*v->regions));
+		if (!v->regions)
+			return vd_error(ENOMEM, "vdisk_map_mem_region: out of memory");
+		v->n_regions_alloc = (int)n;
+	}
 	for (int i = 0; i < v->n_regions_alloc; i++)
 		if (!v->regions[i].used)
 			return i;
-	if ((uint64_t)v->n_regions_alloc >= v->max_mem_regions)
-		return vd_error(ENOSPC, "vdisk_map_mem_region: max-mem-regions (%llu) reached",
-				(unsigned long long)v->max_mem_regions);
-	n = v->n_regions_alloc ? v->n_regions_alloc * 2 : 8;
-	if ((uint64_t)n > v->max_mem_regions)
-		n = (int)v->max_mem_regions;
-	struct vd_mapped_region *nr = realloc(v->regions, sizeof(*nr) * (size_t)n);
-	if (!nr)
-		return vd_error(ENOMEM, "vdisk_map_mem_region: out of memory");
-	memset(nr + v->n_regions_alloc, 0, sizeof(*nr) * (size_t)(n - v->n_regions_alloc));
-	v->regions = nr;
-	int slot = v->n_regions_alloc;
-	v->n_regions_alloc = n;
-	return slot;
+	return vd_error(ENOSPC, "vdisk_map_mem_region: all %d memory region slots (max-mem-regions) are in use",
+			v->n_regions_alloc);
 }
 
 VD_EXPORT int vdisk_map_mem_region(struct vdisk *v, const struct vdisk_mem_region *region)

@@ -19,7 +19,7 @@
 static int check_num_queues(struct vdisk *v, const struct vd_prop *p, uint64_t value)
 {
 	if ((int64_t)value > v->max_queues)
-		return vd_error(EINVAL, "%s must be at most max-queues (%d), got %" PRId64, p->name,
+		return vd_error(EINVAL, "vdisk_set_int: property '%s' must be at most max-queues (%d), got %" PRId64, p->name,
 				v->max_queues, (int64_t)value);
 	return 0;
 }
@@ -27,7 +27,7 @@ static int check_num_queues(struct vdisk *v, const struct vd_prop *p, uint64_t v
 static int check_poll_queues(struct vdisk *v, const struct vd_prop *p, uint64_t value)
 {
 	if (value > 0 && !v->can_poll)
-		return vd_error(ENOTSUP, "%s: driver '%s' cannot poll this device; only 0 is allowed",
+		return vd_error(ENOTSUP, "vdisk_set_int: property '%s': driver '%s' cannot poll this device; only 0 is allowed",
 				p->name, v->drv->name);
 	return check_num_queues(v, p, value);
 }
@@ -120,6 +120,14 @@ static const struct vd_prop *access_prop(struct vdisk *v, const char *func, cons
 	vd_error_clear();
 	if (!v || !name) {
 		*err = vd_error(EINVAL, "%s: instance and name must not be NULL", func);
+		return NULL;
+	}
+	if (strcmp(name, "driver") == 0) {
+		/* Virtual: only vdisk_get_str/vdisk_set_str handle it. */
+		if (write)
+			*err = vd_error(EACCES, "%s: property 'driver' is read-only", func);
+		else
+			*err = vd_error(ENOTTY, "%s: property 'driver' is of type str, not %s", func, type_name(type));
 		return NULL;
 	}
 	p = find_prop(v, name);

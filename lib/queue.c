@@ -441,6 +441,11 @@ VD_EXPORT int vdiskq_do_io(struct vdiskq *q, struct vdisk_completion *completion
 			return ret;
 	}
 	while (q->n_done < (unsigned)min_completions) {
+		if (q->n_inflight == 0) {
+			/* Nothing to wait for: the driver refused every pending request. */
+			return vd_error(EIO, "vdiskq_do_io: driver '%s' accepted none of %u pending requests",
+					drv->name, q->n_pending);
+		}
 		ret = drv->reap(q, true, timeout ? &deadline : NULL);
 		if (ret == -ETIME || (timeout && remaining_ns(&deadline) <= 0 && q->n_done < (unsigned)min_completions)) {
 			write_back_timeout(timeout, &deadline);

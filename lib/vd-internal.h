@@ -117,6 +117,10 @@ struct vd_driver {
 	void (*destroy)(struct vdisk *v);
 
 	int (*queue_init)(struct vdiskq *q);
+	/*
+	 * Tear a queue down.  Requests may still be in flight: wait for them
+	 * (the kernel must not touch caller buffers after vdisk_destroy()).
+	 */
 	void (*queue_fini)(struct vdiskq *q);
 	/*
 	 * Take a valid request.  Return 0 when it is in flight or already
@@ -127,7 +131,8 @@ struct vd_driver {
 	/* Push what submit() prepared to the kernel.  Optional. */
 	int (*commit)(struct vdiskq *q);
 	/*
-	 * Report finished requests with vd_req_complete().  With wait, block
+	 * Report finished requests with vd_req_complete().  Only called with
+	 * requests in flight.  With wait, block
 	 * until at least one finished or the CLOCK_MONOTONIC deadline (NULL:
 	 * none) passed (-ETIME).  Return 0 or -errno.
 	 */
