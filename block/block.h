@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+#include "coroutine.h"
 #include "vdisk.h"
 
 struct vd_bnode;
@@ -118,6 +119,8 @@ struct vd_format {
 	size_t state_size;  /* bs->opaque */
 	bool is_protocol;   /* a leaf: opened on a filename, no file child */
 	bool supports_backing;
+	/* co_pwritev honours VD_BREQ_FUA; otherwise the framework flushes the node after FUA writes. */
+	bool supports_fua;
 
 	/* Score 0..100 for this image header (probing); optional. */
 	int (*probe)(const uint8_t *buf, size_t len);
@@ -134,8 +137,12 @@ struct vd_format {
 	int (*co_flush)(struct vd_bnode *bs);
 	/*
 	 * Status of [off, off+len): returns VD_BS_* flags and *pnum bytes (>0)
-	 * with that status; *map/*file when VD_BS_OFFSET_VALID.  Optional: the
-	 * default says DATA|ALLOCATED for protocols, and asks bs->file for raw.
+	 * with that status; *map and *file when VD_BS_OFFSET_VALID.  Return
+	 * VD_BS_RECURSE|VD_BS_OFFSET_VALID to have the framework answer with
+	 * *file's status at *map (raw).  The framework adds VD_BS_ALLOCATED when
+	 * DATA or ZERO is set, ZERO for unallocated ranges with no backing, and
+	 * VD_BS_EOF.  Optional: the default says DATA|OFFSET_VALID (map = off)
+	 * for protocols and DATA for formats.
 	 */
 	int (*co_block_status)(struct vd_bnode *bs, uint64_t off, uint64_t len, uint64_t *pnum, uint64_t *map,
 			       struct vd_bnode **file);
@@ -189,9 +196,32 @@ struct vd_bnode {
 	int open_flags;
 	/* Overlapping-request serialisation (RMW and formats that ask for it). */
 	struct vd_tracked *tracked;
-	/* Statistics. */
+	unsigned serialising_reqs; /* tracked requests with serialising set */
+	/* Statistics (write-zeroes count as writes). */
 	uint64_t rd_ops, wr_ops, rd_bytes, wr_bytes, flush_ops;
+	uint64_t discard_ops, discard_bytes;
 };
+
+/*
+ * A request in flight on a node, for serialising overlapping requests.
+ * Requests wait only for OLDER overlapping requests on the same node where
+ * at least one of the two is serialising, so unrelated requests never wait
+ * and waits cannot form a cycle.  The framework tracks writes on nodes with
+ * request_alignment > 1 (misaligned ones serialising, for read-modify-write);
+ * formats may track their own requests too (e.g. around copy-on-write).
+ * Lives on the caller's stack; call from a coroutine.
+ */
+struct vd_tracked {
+	struct vd_tracked *next, **pprev;
+	uint64_t off, end; /* [off, end) */
+	bool serialising;
+	struct vd_co_queue waiters; /* younger requests waiting for this one */
+};
+/* Track [off, off+len) and wait for the older overlapping requests it conflicts with. */
+void vd_bnode_track_begin(struct vd_bnode *bs, struct vd_tracked *t, uint64_t off, uint64_t len, bool serialising);
+void vd_bnode_track_end(struct vd_bnode *bs, struct vd_tracked *t);
+/* For messages: the node-name, else the filename, else the format name. */
+const char *vd_bnode_name(const struct vd_bnode *bs);
 
 /*
  * Open a node.  spec: a filename, a dotted option string ("driver=...,...")
@@ -199,14 +229,33 @@ struct vd_bnode {
  * spec or probing).  Returns NULL with the message in vdisk_get_error_msg().
  */
 struct vd_bnode *vd_bnode_open(const char *spec, const char *fmt, const struct vd_cache_mode *cache, int flags);
-/* Open from an already parsed option object (borrowed). */
+/*
+ * Open from an already parsed option object (borrowed).  Both open functions
+ * set errno on failure.  The node opened gets `cache` (NULL: writeback);
+ * its children run in writeback mode and inherit direct/no_flush
+ * (writethrough flushes the top node, which flushes its children).
+ */
 struct vd_bnode *vd_bnode_open_opts(json_t *opts, const struct vd_cache_mode *cache, int flags);
+void vd_bnode_ref(struct vd_bnode *bs);
+/* Drop a reference; the last one flushes a writable node, closes it and drops its children. */
 void vd_bnode_unref(struct vd_bnode *bs);
-/* For formats: open bs->backing from bs->backing_file/format (relative to bs's file). */
+/*
+ * Open bs->backing from bs->backing_file/backing_format (a relative name is
+ * relative to the directory of bs's file).  The framework calls this after
+ * fmt->open for formats with supports_backing (unless VD_BO_NO_BACKING), so
+ * formats only fill bs->backing_file/backing_format; calling it again is a
+ * no-op once bs->backing is set.  backing_opts: the node's "backing" option
+ * (NULL: none given; JSON null or "": no backing; object: its options).
+ * Returns 0 or -errno: -ELOOP when a file is already in the chain or the
+ * chain is deeper than VD_MAX_BACKING_DEPTH.
+ */
 int vd_bnode_open_backing(struct vd_bnode *bs, json_t *backing_opts);
+#define VD_MAX_BACKING_DEPTH 256
 
 const struct vd_format *vd_format_find(const char *name);
-/* Probe the format of a file from its first bytes ("raw" if nothing matches). */
+/* Add a format to the registry (tests, plugins; before other threads open nodes); -EEXIST if the name is taken. */
+int vd_format_register(const struct vd_format *fmt);
+/* Probe the format of a file from its first bytes ("raw" if nothing matches; NULL + message if unreadable). */
 const char *vd_format_probe(const char *filename);
 /* Create a protocol file (truncated to size; prealloc "off"/"falloc"/"full"). */
 int vd_create_file(const char *filename, uint64_t size, const char *prealloc);
@@ -221,6 +270,8 @@ json_t *vd_opts_parse_spec(const char *spec);
 const char *vd_opt_str(json_t *o, const char *key, const char *def);
 int vd_opt_bool(json_t *o, const char *key, bool def, bool *out);
 int vd_opt_u64(json_t *o, const char *key, uint64_t def, uint64_t *out); /* accepts k/M/G suffixes */
+/* "4096", "0x1000", "64k", "1.5G" (binary suffixes k M G T P E, optional B/iB) -> bytes; -EINVAL/-ERANGE. */
+int vd_parse_size(const char *s, uint64_t *out);
 
 /* ---- I/O: coroutine entry points (call from a coroutine) ------------------ */
 
@@ -236,6 +287,7 @@ int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, ui
 /* Status through the backing chain down to base (exclusive; NULL = whole chain): allocated anywhere above base? */
 int vd_bnode_co_is_allocated_above(struct vd_bnode *top, struct vd_bnode *base, uint64_t off, uint64_t len,
 				   uint64_t *pnum);
+/* The format's co_truncate sets bs->size (it may round up when !exact). */
 int vd_bnode_co_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const char *prealloc);
 
 /* ---- I/O: synchronous wrappers (from plain threads; run the loop) -------- */
@@ -248,6 +300,8 @@ int vd_bnode_flush(struct vd_bnode *bs);
 int vd_bnode_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, uint64_t *pnum, uint64_t *map,
 			  struct vd_bnode **file);
 int vd_bnode_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const char *prealloc);
+int vd_bnode_is_allocated_above(struct vd_bnode *top, struct vd_bnode *base, uint64_t off, uint64_t len,
+				uint64_t *pnum);
 int vd_bnode_check(struct vd_bnode *bs, struct vd_check_result *res, int fix);
 int64_t vd_bnode_allocated_size(struct vd_bnode *bs);
 

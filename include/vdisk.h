@@ -180,16 +180,19 @@ struct vdiskq *vdisk_get_poll_queue(struct vdisk *v, int index);
  * requests may be enqueued (the driver bounds what is in flight, queue-size).
  * Buffers and iovec arrays must stay valid until the request completes.
  * Invalid requests (past capacity, misaligned with direct=true, write on a
- * read-only instance, unsupported flags) complete with -EINVAL / -EBADF /
- * -ENOSPC / -ENOTSUP and an error message.
+ * read-only instance, unsupported flags) are accepted and complete with
+ * -EINVAL / -EBADF / -ENOTSUP and an error message.
+ * Returns 0 when the request was enqueued (it will produce exactly one
+ * completion), -EINVAL for a NULL queue, -ENOMEM when no request could be
+ * allocated (no completion will follow).
  */
-void vdiskq_read(struct vdiskq *q, uint64_t offset, void *buf, size_t len, void *user_data, uint32_t flags);
-void vdiskq_write(struct vdiskq *q, uint64_t offset, const void *buf, size_t len, void *user_data, uint32_t flags);
-void vdiskq_readv(struct vdiskq *q, uint64_t offset, const struct iovec *iov, int iovcnt, void *user_data, uint32_t flags);
-void vdiskq_writev(struct vdiskq *q, uint64_t offset, const struct iovec *iov, int iovcnt, void *user_data, uint32_t flags);
-void vdiskq_flush(struct vdiskq *q, void *user_data, uint32_t flags);
-void vdiskq_discard(struct vdiskq *q, uint64_t offset, uint64_t len, void *user_data, uint32_t flags);
-void vdiskq_write_zeroes(struct vdiskq *q, uint64_t offset, uint64_t len, void *user_data, uint32_t flags);
+int vdiskq_read(struct vdiskq *q, uint64_t offset, void *buf, size_t len, void *user_data, uint32_t flags);
+int vdiskq_write(struct vdiskq *q, uint64_t offset, const void *buf, size_t len, void *user_data, uint32_t flags);
+int vdiskq_readv(struct vdiskq *q, uint64_t offset, const struct iovec *iov, int iovcnt, void *user_data, uint32_t flags);
+int vdiskq_writev(struct vdiskq *q, uint64_t offset, const struct iovec *iov, int iovcnt, void *user_data, uint32_t flags);
+int vdiskq_flush(struct vdiskq *q, void *user_data, uint32_t flags);
+int vdiskq_discard(struct vdiskq *q, uint64_t offset, uint64_t len, void *user_data, uint32_t flags);
+int vdiskq_write_zeroes(struct vdiskq *q, uint64_t offset, uint64_t len, void *user_data, uint32_t flags);
 
 /*
  * Submit enqueued requests and return up to max_completions finished ones.

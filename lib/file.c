@@ -135,6 +135,10 @@ static int open_path(struct vdisk *v, const char *who)
 	if (v->dev_fd < 0) {
 		int err = errno;
 
+		struct stat st;
+
+		if (err == EINVAL && v->direct && stat(v->path, &st) == 0 && S_ISDIR(st.st_mode))
+			return vd_error(EISDIR, "%s: '%s' is a directory", who, v->path);
 		if (err == EINVAL && v->direct)
 			return vd_error(EINVAL, "%s: '%s': this filesystem does not support O_DIRECT (direct=true)",
 					who, v->path);

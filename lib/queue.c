@@ -243,19 +243,16 @@ static int validate(struct vdiskq *q, struct vd_request *r)
 	return 0;
 }
 
-static void enqueue(struct vdiskq *q, enum vd_op op, uint64_t offset, uint64_t len, const struct iovec *iov,
+static int enqueue(struct vdiskq *q, enum vd_op op, uint64_t offset, uint64_t len, const struct iovec *iov,
 		    int iovcnt, void *user_data, uint32_t flags)
 {
 	struct vd_request *r;
 
 	if (!q)
-		return;
+		return vd_error(EINVAL, "vdiskq_%s: queue is NULL", op_name(op));
 	r = req_alloc(q);
-	if (!r) {
-		/* Nowhere to report it: the application's next do_io sees fewer completions. */
-		vd_error(ENOMEM, "vdiskq_%s: out of memory", op_name(op));
-		return;
-	}
+	if (!r)
+		return vd_error(ENOMEM, "vdiskq_%s: out of memory", op_name(op));
 	r->op = op;
 	r->flags = flags;
 	r->offset = offset;
@@ -271,65 +268,70 @@ static void enqueue(struct vdiskq *q, enum vd_op op, uint64_t offset, uint64_t l
 		r->len = total;
 	}
 	if (validate(q, r) < 0)
-		return;
+		return 0; /* completes with the error */
 	r->next = NULL;
 	*q->pending_tail = r;
 	q->pending_tail = &r->next;
 	q->n_pending++;
+	return 0;
 }
 
-VD_EXPORT void vdiskq_read(struct vdiskq *q, uint64_t offset, void *buf, size_t len, void *user_data, uint32_t flags)
+VD_EXPORT int vdiskq_read(struct vdiskq *q, uint64_t offset, void *buf, size_t len, void *user_data, uint32_t flags)
 {
 	struct vd_request *r;
 
 	/* The single buffer lives in the request itself; peek at the next free one. */
-	if (!q || (!q->free_list && !grow_free_list(q)))
-		return;
+	if (!q)
+		return vd_error(EINVAL, "vdiskq_read/write: queue is NULL");
+	if (!q->free_list && !grow_free_list(q))
+		return vd_error(ENOMEM, "vdiskq_read/write: out of memory");
 	r = q->free_list;
 	r->iov1.iov_base = buf;
 	r->iov1.iov_len = len;
-	enqueue(q, VD_OP_READ, offset, len, &r->iov1, 1, user_data, flags);
+	return enqueue(q, VD_OP_READ, offset, len, &r->iov1, 1, user_data, flags);
 }
 
-VD_EXPORT void vdiskq_write(struct vdiskq *q, uint64_t offset, const void *buf, size_t len, void *user_data,
+VD_EXPORT int vdiskq_write(struct vdiskq *q, uint64_t offset, const void *buf, size_t len, void *user_data,
 			    uint32_t flags)
 {
 	struct vd_request *r;
 
-	if (!q || (!q->free_list && !grow_free_list(q)))
-		return;
+	if (!q)
+		return vd_error(EINVAL, "vdiskq_read/write: queue is NULL");
+	if (!q->free_list && !grow_free_list(q))
+		return vd_error(ENOMEM, "vdiskq_read/write: out of memory");
 	r = q->free_list;
 	r->iov1.iov_base = (void *)buf;
 	r->iov1.iov_len = len;
-	enqueue(q, VD_OP_WRITE, offset, len, &r->iov1, 1, user_data, flags);
+	return enqueue(q, VD_OP_WRITE, offset, len, &r->iov1, 1, user_data, flags);
 }
 
-VD_EXPORT void vdiskq_readv(struct vdiskq *q, uint64_t offset, const struct iovec *iov, int iovcnt, void *user_data,
+VD_EXPORT int vdiskq_readv(struct vdiskq *q, uint64_t offset, const struct iovec *iov, int iovcnt, void *user_data,
 			    uint32_t flags)
 {
-	enqueue(q, VD_OP_READ, offset, 0, iov, iovcnt, user_data, flags);
+	return enqueue(q, VD_OP_READ, offset, 0, iov, iovcnt, user_data, flags);
 }
 
-VD_EXPORT void vdiskq_writev(struct vdiskq *q, uint64_t offset, const struct iovec *iov, int iovcnt,
+VD_EXPORT int vdiskq_writev(struct vdiskq *q, uint64_t offset, const struct iovec *iov, int iovcnt,
 			     void *user_data, uint32_t flags)
 {
-	enqueue(q, VD_OP_WRITE, offset, 0, iov, iovcnt, user_data, flags);
+	return enqueue(q, VD_OP_WRITE, offset, 0, iov, iovcnt, user_data, flags);
 }
 
-VD_EXPORT void vdiskq_flush(struct vdiskq *q, void *user_data, uint32_t flags)
+VD_EXPORT int vdiskq_flush(struct vdiskq *q, void *user_data, uint32_t flags)
 {
-	enqueue(q, VD_OP_FLUSH, 0, 0, NULL, 0, user_data, flags);
+	return enqueue(q, VD_OP_FLUSH, 0, 0, NULL, 0, user_data, flags);
 }
 
-VD_EXPORT void vdiskq_discard(struct vdiskq *q, uint64_t offset, uint64_t len, void *user_data, uint32_t flags)
+VD_EXPORT int vdiskq_discard(struct vdiskq *q, uint64_t offset, uint64_t len, void *user_data, uint32_t flags)
 {
-	enqueue(q, VD_OP_DISCARD, offset, len, NULL, 0, user_data, flags);
+	return enqueue(q, VD_OP_DISCARD, offset, len, NULL, 0, user_data, flags);
 }
 
-VD_EXPORT void vdiskq_write_zeroes(struct vdiskq *q, uint64_t offset, uint64_t len, void *user_data,
+VD_EXPORT int vdiskq_write_zeroes(struct vdiskq *q, uint64_t offset, uint64_t len, void *user_data,
 				   uint32_t flags)
 {
-	enqueue(q, VD_OP_WRITE_ZEROES, offset, len, NULL, 0, user_data, flags);
+	return enqueue(q, VD_OP_WRITE_ZEROES, offset, len, NULL, 0, user_data, flags);
 }
 
 /* Hand pending requests to the driver while there is room in flight. */
@@ -442,9 +444,15 @@ VD_EXPORT int vdiskq_do_io(struct vdiskq *q, struct vdisk_completion *completion
 	}
 	while (q->n_done < (unsigned)min_completions) {
 		if (q->n_inflight == 0) {
-			/* Nothing to wait for: the driver refused every pending request. */
-			return vd_error(EIO, "vdiskq_do_io: driver '%s' accepted none of %u pending requests",
-					drv->name, q->n_pending);
+			/* The non-blocking reap freed every slot: submit what is pending. */
+			unsigned done_before = q->n_done;
+
+			if (q->pending_head && (ret = submit_pending(q)) < 0)
+				return ret;
+			if (q->n_inflight == 0 && q->n_done == done_before)
+				return vd_error(EIO, "vdiskq_do_io: driver '%s' accepted none of %u pending requests",
+						drv->name, q->n_pending);
+			continue;
 		}
 		ret = drv->reap(q, true, timeout ? &deadline : NULL);
 		if (ret == -ETIME || (timeout && remaining_ns(&deadline) <= 0 && q->n_done < (unsigned)min_completions)) {

@@ -51,5 +51,7 @@ void vd_co_queue_wait(struct vd_co_queue *wq, struct vd_co_mutex *m);
 /* Schedule the first / all waiters to resume (from the loop, not inline). */
 bool vd_co_queue_wake_one(struct vd_co_queue *wq);
 void vd_co_queue_wake_all(struct vd_co_queue *wq);
+/* True when nobody waits on wq. */
+bool vd_co_queue_empty(const struct vd_co_queue *wq);
 
 #endif

@@ -1,0 +1,591 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The request path.  Every vd_bnode_co_*() entry point:
+ *   1. validates (range, permissions, corruption) so formats never see an
+ *      invalid request;
+ *   2. counts it in the node's statistics;
+ *   3. aligns it to bs->request_alignment: misaligned reads read the
+ *      enclosing blocks into a bounce buffer; misaligned writes do
+ *      read-modify-write of the partial head/tail blocks, serialised against
+ *      overlapping requests on the node (track.c) so two RMWs of one block
+ *      cannot lose each other's bytes;
+ *   4. splits data transfers by bs->max_transfer;
+ *   5. applies the cache mode: writethrough flushes the node after each
+ *      write, FUA is emulated with a flush for formats without FUA support,
+ *      no-flush drops flushes.
+ */
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "block-int.h"
+
+/* ---- validation -------------------------------------------------------------------- */
+
+static int check_range(struct vd_bnode *bs, const char *op, uint64_t off, uint64_t len)
+{
+	if (off > bs->size || len > bs->size - off)
+		return vd_error(EINVAL, "node '%s': %s of [%" PRIu64 ", +%" PRIu64 ") is past the end (size %" PRIu64 ")",
+				vd_bnode_name(bs), op, off, len, bs->size);
+	return 0;
+}
+
+static int check_writable(struct vd_bnode *bs, const char *op)
+{
+	if (bs->read_only)
+		return vd_error(EACCES, "node '%s' is read-only: %s refused", vd_bnode_name(bs), op);
+	if (bs->corrupt)
+		return vd_error(EIO, "node '%s' is marked corrupt: %s refused (run check -r)", vd_bnode_name(bs), op);
+	return 0;
+}
+
+static int check_qiov(struct vd_bnode *bs, const char *op, const struct vd_qiov *qiov, size_t qiov_off, uint64_t len)
+{
+	if (len && (!qiov || qiov_off > qiov->size || len > qiov->size - qiov_off))
+		return vd_error(EINVAL, "node '%s': %s of %" PRIu64 " bytes from a %zu-byte buffer at offset %zu",
+				vd_bnode_name(bs), op, len, qiov ? qiov->size : 0, qiov_off);
+	return 0;
+}
+
+static int check_op(struct vd_bnode *bs, const char *op, bool present)
+{
+	if (!present)
+		return vd_error(ENOTSUP, "node '%s': format '%s' does not support %s", vd_bnode_name(bs), bs->fmt->name,
+				op);
+	return 0;
+}
+
+static bool is_aligned(const struct vd_bnode *bs, uint64_t off, uint64_t len)
+{
+	return bs->request_alignment <= 1 || ((off | len) % bs->request_alignment) == 0;
+}
+
+/* ---- aligned transfers, split by max_transfer ------------------------------------------- */
+
+static uint64_t max_chunk(const struct vd_bnode *bs)
+{
+	uint64_t align = bs->request_alignment > 1 ? bs->request_alignment : 1;
+	uint64_t max = vd_align_down(bs->max_transfer, align);
+
+	return bs->max_transfer && max ? max : UINT64_MAX;
+}
+
+static int read_chunks(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off,
+		       int flags)
+{
+	uint64_t chunk = max_chunk(bs);
+
+	while (len > 0) {
+		uint64_t n = len < chunk ? len : chunk;
+		int ret = bs->fmt->co_preadv(bs, off, n, qiov, qiov_off, flags);
+
+		if (ret < 0)
+			return ret;
+		off += n;
+		qiov_off += n;
+		len -= n;
+	}
+	return 0;
+}
+
+static int write_chunks(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off,
+			int flags)
+{
+	uint64_t chunk = max_chunk(bs);
+
+	while (len > 0) {
+		uint64_t n = len < chunk ? len : chunk;
+		int ret = bs->fmt->co_pwritev(bs, off, n, qiov, qiov_off, flags);
+
+		if (ret < 0)
+			return ret;
+		off += n;
+		qiov_off += n;
+		len -= n;
+	}
+	return 0;
+}
+
+/* ---- misaligned requests ---------------------------------------------------------------- */
+
+/*
+ * A misaligned request [off, end) is cut at alignment boundaries into a
+ * partial head block, an aligned middle and a partial tail block; only the
+ * partial blocks go through the one-block bounce buffer.
+ */
+struct pieces {
+	uint64_t head_blk, head_len; /* head_len 0: no partial head */
+	uint64_t mid_off, mid_len;
+	uint64_t tail_blk, tail_len; /* tail_len 0: no partial tail */
+};
+
+static struct pieces cut(uint64_t off, uint64_t len, uint64_t align)
+{
+	uint64_t end = off + len, pos = off;
+	struct pieces p = { 0 };
+
+	if (off % align) {
+		uint64_t blk_end = vd_align_down(off, align) + align;
+
+		p.head_blk = vd_align_down(off, align);
+		p.head_len = (end < blk_end ? end : blk_end) - off;
+		pos += p.head_len;
+	}
+	p.mid_off = pos;
+	p.mid_len = pos < vd_align_down(end, align) ? vd_align_down(end, align) - pos : 0;
+	pos += p.mid_len;
+	if (pos < end) {
+		p.tail_blk = pos;
+		p.tail_len = end - pos;
+	}
+	return p;
+}
+
+static int read_block(struct vd_bnode *bs, uint64_t blk, void *bounce, int flags)
+{
+	struct vd_qiov q;
+
+	vd_qiov_init_buf(&q, bounce, bs->request_alignment);
+	return read_chunks(bs, blk, bs->request_alignment, &q, 0, flags);
+}
+
+static int write_block(struct vd_bnode *bs, uint64_t blk, void *bounce, int flags)
+{
+	struct vd_qiov q;
+
+	vd_qiov_init_buf(&q, bounce, bs->request_alignment);
+	return write_chunks(bs, blk, bs->request_alignment, &q, 0, flags);
+}
+
+/* Read the partial block at blk and copy [off, off+n) of it into qiov. */
+static int read_partial(struct vd_bnode *bs, uint64_t blk, uint64_t off, uint64_t n, void *bounce,
+			struct vd_qiov *qiov, size_t qiov_pos, int flags)
+{
+	int ret = read_block(bs, blk, bounce, flags);
+
+	if (ret == 0)
+		vd_qiov_from_buf(qiov, qiov_pos, (char *)bounce + (off - blk), n);
+	return ret;
+}
+
+static int preadv_misaligned(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov,
+			     size_t qiov_off, int flags)
+{
+	struct pieces p = cut(off, len, bs->request_alignment);
+	void *bounce = NULL;
+	int ret = 0;
+
+	if (p.head_len || p.tail_len) {
+		bounce = vd_blk_alloc(bs->request_alignment);
+		if (!bounce)
+			return vd_error(ENOMEM, "node '%s': out of memory for a bounce buffer", vd_bnode_name(bs));
+	}
+	if (p.head_len)
+		ret = read_partial(bs, p.head_blk, off, p.head_len, bounce, qiov, qiov_off, flags);
+	if (ret == 0 && p.mid_len)
+		ret = read_chunks(bs, p.mid_off, p.mid_len, qiov, qiov_off + (p.mid_off - off), flags);
+	if (ret == 0 && p.tail_len)
+		ret = read_partial(bs, p.tail_blk, p.tail_blk, p.tail_len, bounce, qiov,
+				   qiov_off + (p.tail_blk - off), flags);
+	vd_blk_free(bounce);
+	return ret;
+}
+
+/* Where the bytes of a write come from: a qiov, or zeroes (qiov NULL). */
+struct wsrc {
+	struct vd_qiov *qiov;
+	size_t qiov_off; /* position of the request's first byte */
+	uint64_t off;    /* the request's offset */
+};
+
+/* Read-modify-write of one partial block: bytes [off, off+n) come from src. */
+static int rmw_block(struct vd_bnode *bs, uint64_t blk, uint64_t off, uint64_t n, void *bounce,
+		     const struct wsrc *src, int flags)
+{
+	char *dst = (char *)bounce + (off - blk);
+	int ret = read_block(bs, blk, bounce, 0);
+
+	if (ret < 0)
+		return ret;
+	if (src->qiov)
+		vd_qiov_to_buf(src->qiov, src->qiov_off + (off - src->off), dst, n);
+	else
+		memset(dst, 0, n);
+	return write_block(bs, blk, bounce, flags);
+}
+
+/* Write the aligned middle of a request. */
+typedef int (*mid_writer)(struct vd_bnode *bs, uint64_t off, uint64_t len, const struct wsrc *src, int flags);
+
+static int write_mid_data(struct vd_bnode *bs, uint64_t off, uint64_t len, const struct wsrc *src, int flags)
+{
+	return write_chunks(bs, off, len, src->qiov, src->qiov_off + (off - src->off), flags);
+}
+
+static int write_misaligned(struct vd_bnode *bs, uint64_t off, uint64_t len, const struct wsrc *src,
+			    mid_writer write_mid, int flags)
+{
+	struct pieces p = cut(off, len, bs->request_alignment);
+	void *bounce = NULL;
+	int ret = 0;
+
+	if (p.head_len || p.tail_len) {
+		bounce = vd_blk_alloc(bs->request_alignment);
+		if (!bounce)
+			return vd_error(ENOMEM, "node '%s': out of memory for a bounce buffer", vd_bnode_name(bs));
+	}
+	if (p.head_len)
+		ret = rmw_block(bs, p.head_blk, off, p.head_len, bounce, src, flags);
+	if (ret == 0 && p.mid_len)
+		ret = write_mid(bs, p.mid_off, p.mid_len, src, flags);
+	if (ret == 0 && p.tail_len)
+		ret = rmw_block(bs, p.tail_blk, p.tail_blk, p.tail_len, bounce, src, flags);
+	vd_blk_free(bounce);
+	return ret;
+}
+
+/*
+ * Run a modifying request under tracking (only nodes that align need it):
+ * misaligned requests serialise against overlapping ones, aligned ones wait
+ * only for overlapping misaligned ones.  Ranges are widened to whole blocks,
+ * since that is what read-modify-write touches.
+ */
+static int tracked_write(struct vd_bnode *bs, uint64_t off, uint64_t len, const struct wsrc *src,
+			 mid_writer write_mid, int flags)
+{
+	uint64_t align = bs->request_alignment;
+	uint64_t t_off, t_end;
+	struct vd_tracked t;
+	bool misaligned;
+	int ret;
+
+	if (align <= 1)
+		return write_mid(bs, off, len, src, flags);
+	misaligned = !is_aligned(bs, off, len);
+	t_off = vd_align_down(off, align);
+	t_end = vd_align_up(off + len, align);
+	vd_bnode_track_begin(bs, &t, t_off, t_end - t_off, misaligned);
+	ret = misaligned ? write_misaligned(bs, off, len, src, write_mid, flags) : write_mid(bs, off, len, src, flags);
+	vd_bnode_track_end(bs, &t);
+	return ret;
+}
+
+/* ---- cache mode ------------------------------------------------------------------------- */
+
+/*
+ * Flags for the format, and whether a flush must follow: writethrough flushes
+ * after every write (FUA then is redundant), FUA is emulated by a flush when
+ * the format cannot do it.
+ */
+static int write_flags(const struct vd_bnode *bs, int flags, bool *flush_after)
+{
+	if (!bs->cache.writeback) {
+		*flush_after = true;
+		return flags & ~VD_BREQ_FUA;
+	}
+	*flush_after = (flags & VD_BREQ_FUA) && !bs->fmt->supports_fua;
+	return *flush_after ? flags & ~VD_BREQ_FUA : flags;
+}
+
+static int finish_write(struct vd_bnode *bs, int ret, bool flush_after)
+{
+	if (ret == 0 && flush_after)
+		ret = vd_bnode_co_flush(bs);
+	return ret;
+}
+
+/* ---- entry points ---------------------------------------------------------------------- */
+
+int vd_bnode_co_preadv(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off,
+		       int flags)
+{
+	int ret = check_range(bs, "read", off, len);
+
+	if (ret == 0)
+		ret = check_qiov(bs, "read", qiov, qiov_off, len);
+	if (ret == 0)
+		ret = check_op(bs, "read", bs->fmt->co_preadv);
+	if (ret < 0 || len == 0)
+		return ret;
+	bs->rd_ops++;
+	bs->rd_bytes += len;
+	if (!is_aligned(bs, off, len))
+		return preadv_misaligned(bs, off, len, qiov, qiov_off, flags);
+	return read_chunks(bs, off, len, qiov, qiov_off, flags);
+}
+
+int vd_bnode_co_pwritev(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off,
+			int flags)
+{
+	struct wsrc src = { .qiov = qiov, .qiov_off = qiov_off, .off = off };
+	bool flush_after;
+	int ret = check_writable(bs, "write");
+
+	if (ret == 0)
+		ret = check_range(bs, "write", off, len);
+	if (ret == 0)
+		ret = check_qiov(bs, "write", qiov, qiov_off, len);
+	if (ret == 0)
+		ret = check_op(bs, "write", bs->fmt->co_pwritev);
+	if (ret < 0 || len == 0)
+		return ret;
+	bs->wr_ops++;
+	bs->wr_bytes += len;
+	flags = write_flags(bs, flags, &flush_after);
+	ret = tracked_write(bs, off, len, &src, write_mid_data, flags);
+	return finish_write(bs, ret, flush_after);
+}
+
+int vd_bnode_co_pread(struct vd_bnode *bs, uint64_t off, void *buf, size_t len)
+{
+	struct vd_qiov q;
+
+	vd_qiov_init_buf(&q, buf, len);
+	return vd_bnode_co_preadv(bs, off, len, &q, 0, 0);
+}
+
+int vd_bnode_co_pwrite(struct vd_bnode *bs, uint64_t off, const void *buf, size_t len, int flags)
+{
+	struct vd_qiov q;
+
+	vd_qiov_init_buf(&q, (void *)buf, len);
+	return vd_bnode_co_pwritev(bs, off, len, &q, 0, flags);
+}
+
+#define ZERO_CHUNK (1u << 20)
+
+/* Write-zeroes the format cannot do efficiently: write zero buffers. */
+static int write_zero_buffers(struct vd_bnode *bs, uint64_t off, uint64_t len, int flags)
+{
+	size_t chunk = len < ZERO_CHUNK ? (size_t)len : ZERO_CHUNK;
+	void *zeroes = vd_blk_alloc(chunk);
+	struct vd_qiov q;
+	int ret = 0;
+
+	if (!zeroes)
+		return vd_error(ENOMEM, "node '%s': out of memory writing zeroes", vd_bnode_name(bs));
+	memset(zeroes, 0, chunk);
+	while (ret == 0 && len > 0) {
+		size_t n = len < chunk ? (size_t)len : chunk;
+
+		vd_qiov_init_buf(&q, zeroes, n);
+		ret = write_chunks(bs, off, n, &q, 0, flags & VD_BREQ_FUA);
+		off += n;
+		len -= n;
+	}
+	vd_blk_free(zeroes);
+	return ret;
+}
+
+static int write_mid_zeroes(struct vd_bnode *bs, uint64_t off, uint64_t len, const struct wsrc *src, int flags)
+{
+	int ret = -ENOTSUP;
+
+	(void)src;
+	if (bs->fmt->co_pwrite_zeroes)
+		ret = bs->fmt->co_pwrite_zeroes(bs, off, len, flags);
+	if (ret != -ENOTSUP)
+		return ret;
+	if (flags & VD_BREQ_NO_FALLBACK)
+		return vd_error(ENOTSUP, "node '%s': no efficient write-zeroes, and no fallback allowed",
+				vd_bnode_name(bs));
+	if (!bs->fmt->co_pwritev)
+		return check_op(bs, "write-zeroes", false);
+	return write_zero_buffers(bs, off, len, flags);
+}
+
+int vd_bnode_co_pwrite_zeroes(struct vd_bnode *bs, uint64_t off, uint64_t len, int flags)
+{
+	struct wsrc zeroes = { .qiov = NULL, .off = off };
+	bool flush_after;
+	int ret = check_writable(bs, "write-zeroes");
+
+	if (ret == 0)
+		ret = check_range(bs, "write-zeroes", off, len);
+	if (ret < 0 || len == 0)
+		return ret;
+	/* Partial blocks need real zero bytes written: that is a fallback. */
+	if ((flags & VD_BREQ_NO_FALLBACK) && !is_aligned(bs, off, len))
+		return vd_error(ENOTSUP, "node '%s': write-zeroes of [%" PRIu64 ", +%" PRIu64 ") is not aligned to %" PRIu32
+				" and no fallback is allowed", vd_bnode_name(bs), off, len, bs->request_alignment);
+	bs->wr_ops++;
+	bs->wr_bytes += len;
+	flags = write_flags(bs, flags, &flush_after);
+	ret = tracked_write(bs, off, len, &zeroes, write_mid_zeroes, flags);
+	return finish_write(bs, ret, flush_after);
+}
+
+static int discard_mid(struct vd_bnode *bs, uint64_t off, uint64_t len, const struct wsrc *src, int flags)
+{
+	(void)src;
+	(void)flags;
+	return bs->fmt->co_pdiscard(bs, off, len);
+}
+
+/* Discard is advisory: the partial blocks of a misaligned discard are left alone. */
+int vd_bnode_co_pdiscard(struct vd_bnode *bs, uint64_t off, uint64_t len)
+{
+	uint64_t align = bs->request_alignment > 1 ? bs->request_alignment : 1;
+	uint64_t a_off = vd_align_up(off, align), a_end = vd_align_down(off + len, align);
+	bool flush_after;
+	int ret = check_writable(bs, "discard");
+
+	if (ret == 0)
+		ret = check_range(bs, "discard", off, len);
+	if (ret == 0)
+		ret = check_op(bs, "discard", bs->fmt->co_pdiscard);
+	if (ret < 0 || a_end <= a_off)
+		return ret;
+	bs->discard_ops++;
+	bs->discard_bytes += len;
+	write_flags(bs, 0, &flush_after);
+	ret = tracked_write(bs, a_off, a_end - a_off, NULL, discard_mid, 0);
+	return finish_write(bs, ret, flush_after);
+}
+
+/*
+ * Flush the format's caches, then the children.  Read-only nodes have
+ * nothing to write back (and libvdisk refuses flushes on them).
+ */
+int vd_bnode_co_flush(struct vd_bnode *bs)
+{
+	int ret = 0;
+
+	if (!bs || bs->read_only || bs->cache.no_flush)
+		return 0;
+	bs->flush_ops++;
+	if (bs->fmt->co_flush)
+		ret = bs->fmt->co_flush(bs);
+	if (ret == 0)
+		ret = vd_bnode_co_flush(bs->file);
+	if (ret == 0)
+		ret = vd_bnode_co_flush(bs->backing);
+	return ret;
+}
+
+/* ---- block status -------------------------------------------------------------------- */
+
+/* Status when the format has no co_block_status. */
+static int default_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, uint64_t *pnum, uint64_t *map,
+				struct vd_bnode **file)
+{
+	*pnum = len;
+	if (bs->fmt->is_protocol) {
+		*map = off;
+		*file = bs;
+		return VD_BS_DATA | VD_BS_OFFSET_VALID;
+	}
+	return VD_BS_DATA; /* a format that cannot tell: everything is data of its own */
+}
+
+/* VD_BS_RECURSE: the answer is *file's status at *map (raw over its file). */
+static int recurse_status(int ret, uint64_t *pnum, uint64_t *map, struct vd_bnode **file)
+{
+	uint64_t n2, map2 = 0;
+	struct vd_bnode *file2 = NULL;
+	int ret2 = vd_bnode_co_block_status(*file, *map, *pnum, &n2, &map2, &file2);
+
+	if (ret2 < 0)
+		return ret2;
+	if (n2 == 0) /* past the file's end: reads as zeroes */
+		return (ret & VD_BS_OFFSET_VALID) | VD_BS_ZERO;
+	*pnum = n2 < *pnum ? n2 : *pnum;
+	*map = map2;
+	*file = file2;
+	return ret2 & (VD_BS_DATA | VD_BS_ZERO | VD_BS_OFFSET_VALID);
+}
+
+/*
+ * ALLOCATED: this layer answers.  Neither DATA nor ZERO means "read from the
+ * backing": zeroes when there is no backing file or the range is past its
+ * end (an image whose backing was not opened, VD_BO_NO_BACKING, cannot say).
+ */
+static int add_allocation(struct vd_bnode *bs, uint64_t off, int ret)
+{
+	if (ret & (VD_BS_DATA | VD_BS_ZERO))
+		return ret | VD_BS_ALLOCATED;
+	if (!bs->fmt->supports_backing)
+		return ret;
+	if (bs->backing ? off >= bs->backing->size : !bs->backing_file[0])
+		ret |= VD_BS_ZERO;
+	return ret;
+}
+
+int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, uint64_t *pnum, uint64_t *map,
+			     struct vd_bnode **file)
+{
+	uint64_t local_map = 0, n = 0;
+	struct vd_bnode *local_file = NULL;
+	int ret;
+
+	*pnum = 0;
+	if (off >= bs->size)
+		return VD_BS_EOF;
+	if (len > bs->size - off)
+		len = bs->size - off;
+	if (len == 0)
+		return 0;
+	if (bs->fmt->co_block_status)
+		ret = bs->fmt->co_block_status(bs, off, len, &n, &local_map, &local_file);
+	else
+		ret = default_block_status(bs, off, len, &n, &local_map, &local_file);
+	if (ret < 0)
+		return ret;
+	if (n == 0 || n > len)
+		return vd_error(EIO, "node '%s': format '%s' answered block status for %" PRIu64 " of %" PRIu64 " bytes",
+				vd_bnode_name(bs), bs->fmt->name, n, len);
+	if ((ret & VD_BS_RECURSE) && (ret & VD_BS_OFFSET_VALID) && local_file) {
+		ret = recurse_status(ret, &n, &local_map, &local_file);
+		if (ret < 0)
+			return ret;
+	}
+	ret = add_allocation(bs, off, ret & ~VD_BS_RECURSE);
+	if (off + n == bs->size)
+		ret |= VD_BS_EOF;
+	*pnum = n;
+	if (map)
+		*map = local_map;
+	if (file)
+		*file = (ret & VD_BS_OFFSET_VALID) ? local_file : NULL;
+	return ret;
+}
+
+/*
+ * Is [off, off+len) allocated in any layer from top down to base (exclusive)?
+ * Returns 1 or 0 with *pnum bytes having that answer, as QEMU's
+ * bdrv_is_allocated_above: a layer shorter than the request only limits the
+ * answer where it ends before the top's size.
+ */
+int vd_bnode_co_is_allocated_above(struct vd_bnode *top, struct vd_bnode *base, uint64_t off, uint64_t len,
+				   uint64_t *pnum)
+{
+	uint64_t n = len;
+
+	for (struct vd_bnode *bs = top; bs && bs != base; bs = bs->backing) {
+		uint64_t layer_n = 0;
+		int ret = vd_bnode_co_block_status(bs, off, n, &layer_n, NULL, NULL);
+
+		if (ret < 0)
+			return ret;
+		if (ret & VD_BS_ALLOCATED) {
+			*pnum = layer_n;
+			return 1;
+		}
+		/* Past a lower layer's end nothing is allocated there: keep n. */
+		if (layer_n && layer_n < n && (bs == top || off + layer_n < bs->size))
+			n = layer_n;
+	}
+	*pnum = n;
+	return 0;
+}
+
+int vd_bnode_co_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const char *prealloc)
+{
+	int ret = check_writable(bs, "resize");
+
+	if (ret == 0)
+		ret = check_op(bs, "resize", bs->fmt->co_truncate);
+	if (ret < 0)
+		return ret;
+	return bs->fmt->co_truncate(bs, size, exact, prealloc);
+}
