@@ -8,6 +8,8 @@ PREFIX ?= /usr/local
 
 all: $(BUILD)/build.ninja
 	ninja -C $(BUILD)
+	@ln -sf tools/vdisk $(BUILD)/vdisk
+	@ln -sf daemon/vdiskd $(BUILD)/vdiskd
 
 $(BUILD)/build.ninja:
 	meson setup $(BUILD) --prefix=$(PREFIX)
@@ -31,6 +33,8 @@ check-integration: all
 
 check-asan: $(ASAN_BUILD)/build.ninja
 	ninja -C $(ASAN_BUILD)
+	@ln -sf tools/vdisk $(ASAN_BUILD)/vdisk
+	@ln -sf daemon/vdiskd $(ASAN_BUILD)/vdiskd
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		meson test -C $(ASAN_BUILD) --print-errorlogs
 	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
