@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
- * vdisk bench — a fio-like benchmark over any libvdisk driver.
+ * vdisk bench — a fio-like benchmark over any libvdisk driver, or over the
+ * block layer (--image: a raw or qcow2 node, see bench-block.c).
  *
- * One shared instance; NUMJOBS threads, each driving its own queue and
+ * Driver path: one shared instance; NUMJOBS threads, each driving its own queue and
  * keeping IODEPTH requests in flight: enqueue, then loop on
  * vdiskq_do_io(min 1) and re-issue one request per completion.  Buffers come
  * from one memory region (vdisk_alloc_mem_region + vdisk_map_mem_region, so
@@ -14,8 +15,12 @@
  * The main thread only sleeps (in sigtimedwait, so SIGINT/SIGTERM end the
  * run early), samples CPU use and draws the progress line.
  *
+ * --count=N (as qemu-img bench -c) issues N requests in all (split between
+ * the jobs), then stops; the measured window ends at the last completion.
+ *
  * The file is in sections: options, parsing, latency histogram, the job
- * thread, instance setup, the run, output, main.
+ * thread, instance setup, the run, output, main.  What bench-block.c shares
+ * with this file is declared in bench.h.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -37,58 +42,21 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench.h"
 #include "vdisk.h"
 
 int vd_bench_main(int argc, char **argv);
 
-enum { EXIT_OK = 0, EXIT_RUNTIME = 1, EXIT_USAGE = 2 };
-
-#define NS_PER_S 1000000000LL
-#define MAX_COMPARE 16
-#define MAX_SETS 32
 #define MAX_BS (1ull << 30)
 #define MAX_IODEPTH 65536u
 #define MAX_NUMJOBS 1024u
 #define DEFAULT_NULL_SIZE (1ull << 30)
-#define ERR_LEN 512
 
 /* ---- Options ------------------------------------------------------------ */
 
-enum rw_mode { RW_READ, RW_WRITE, RW_RANDREAD, RW_RANDWRITE, RW_RANDRW };
-
-static const char *const rw_names[] = {
+const char *const vd_bench_rw_names[] = {
 	[RW_READ] = "read", [RW_WRITE] = "write", [RW_RANDREAD] = "randread",
 	[RW_RANDWRITE] = "randwrite", [RW_RANDRW] = "randrw",
-};
-
-/* --set [DRIVER:]NAME=VALUE */
-struct prop_setting {
-	char *driver; /* NULL: every driver */
-	char *name;
-	const char *value;
-};
-
-struct bench_opts {
-	const char *driver; /* NULL with --compare */
-	const char *path;
-	enum rw_mode rw;
-	unsigned rwmixread;
-	uint64_t bs;
-	unsigned iodepth;
-	unsigned numjobs;
-	uint64_t size;   /* 0: the device's capacity */
-	uint64_t stride; /* sequential step; 0: bs */
-	uint64_t runtime_ns;
-	uint64_t ramp_ns;
-	bool direct;
-	bool poll;
-	bool json;
-	bool rwmixread_set;
-	char *compare_buf; /* --compare list, split in place */
-	const char *compare[MAX_COMPARE];
-	int n_compare;
-	struct prop_setting sets[MAX_SETS];
-	int n_sets;
 };
 
 /* Properties the benchmark sets itself, and the option that controls each. */
@@ -101,16 +69,6 @@ static const struct {
 	{ "num-poll-queues", "--poll" }, { "queue-size", "--iodepth" },
 	{ "size", "--size" },
 };
-
-static bool rw_is_random(enum rw_mode rw)
-{
-	return rw == RW_RANDREAD || rw == RW_RANDWRITE || rw == RW_RANDRW;
-}
-
-static bool rw_writes(enum rw_mode rw)
-{
-	return rw == RW_WRITE || rw == RW_RANDWRITE || rw == RW_RANDRW;
-}
 
 /* Drivers that need no file or device (their size comes from --size). */
 static bool driver_needs_path(const char *driver)
@@ -230,11 +188,15 @@ static void usage(FILE *out)
 	fprintf(out,
 		"Usage: vdisk bench --driver=DRIVER [--path=FILE] [OPTIONS]\n"
 		"       vdisk bench --compare=DRIVER,DRIVER... [--path=FILE] [OPTIONS]\n"
+		"       vdisk bench --image=FILE [--format=FMT] [--cache=MODE] [--aio=AIO] [OPTIONS]\n"
 		"\n"
 		"Measure a libvdisk driver with a fio-like workload: NUMJOBS threads, each\n"
 		"with its own queue of one shared instance, each keeping IODEPTH requests of\n"
-		"BS bytes in flight for RUNTIME.  Reports IOPS, bandwidth, latency (mean,\n"
-		"p50, p99, p99.9) and CPU use.\n"
+		"BS bytes in flight for RUNTIME (or until COUNT requests are done).  Reports\n"
+		"IOPS, bandwidth, latency (mean, p50, p99, p99.9) and CPU use.\n"
+		"With --image the same job runs through the block layer instead: an image\n"
+		"node (format over the file protocol) driven by one thread's event loop,\n"
+		"with IODEPTH coroutines each issuing one request at a time.\n"
 		"\n"
 		"Target:\n"
 		"  --driver=NAME       driver to measure: ");
@@ -249,6 +211,18 @@ static void usage(FILE *out)
 		"                      --set io_uring:sqpoll=true (repeatable; without DRIVER:\n"
 		"                      every driver of the run must have the property)\n"
 		"\n"
+		"Block layer target (instead of --driver):\n"
+		"  --image=FILE        image to measure through the block layer; a write job\n"
+		"                      on a missing FILE creates it (--size bytes)\n"
+		"  --format=FMT        image format: raw or qcow2 (default: probed)\n"
+		"  --cache=MODE        none, writeback, writethrough, directsync or unsafe, as\n"
+		"                      QEMU's cache= (default writeback)\n"
+		"  --aio=AIO           the file protocol's I/O: io_uring, native (linux-aio,\n"
+		"                      needs --cache=none or directsync), threads or sync\n"
+		"                      (default io_uring)\n"
+		"                      --numjobs must be 1 (a node belongs to one thread);\n"
+		"                      --direct, --poll, --set and --compare do not apply\n"
+		"\n"
 		"Workload:\n"
 		"  --rw=MODE           read, write, randread, randwrite, randrw (default randread)\n"
 		"  --rwmixread=N       randrw: percentage of reads (default 50)\n"
@@ -257,10 +231,14 @@ static void usage(FILE *out)
 		"  --numjobs=N         threads, each with its own queue (default 1)\n"
 		"  --size=SIZE         bytes of the device to use (default: its capacity); for\n"
 		"                      the null driver the device size (default 1G)\n"
-		"  --stride=SIZE       read/write: step between requests (default BS)\n"
+		"  --stride=SIZE       read/write: step between requests (default BS); offsets\n"
+		"                      wrap at --size, as qemu-img bench -S\n"
 		"  --direct=0|1        bypass the page cache, O_DIRECT (default 0)\n"
 		"  --poll=0|1          use poll queues instead of interrupt-driven ones (default 0)\n"
-		"  --runtime=TIME      measured time (default 5s)\n"
+		"  --runtime=TIME      measured time (default 5s; with --count: a cap, none\n"
+		"                      unless given)\n"
+		"  --count=N           issue N requests in all, then stop and report (as\n"
+		"                      qemu-img bench -c); the time is until the last completes\n"
 		"  --ramp=TIME         warm-up before measuring, not counted (default 0)\n"
 		"\n"
 		"Output:\n"
@@ -268,7 +246,7 @@ static void usage(FILE *out)
 		"                      (with --compare: {\"results\": [...]})\n"
 		"  -h, --help          show this help and exit\n"
 		"\n"
-		"SIZE is a number of bytes with an optional k, m, g or t suffix (powers of\n"
+		"SIZE (and N) is a number with an optional k, m, g or t suffix (powers of\n"
 		"1024).  TIME is a number of seconds, with an optional s or ms suffix.\n"
 		"On a terminal a progress line is refreshed on stderr every second; SIGINT\n"
 		"ends the measurement early and reports what was measured so far.\n"
@@ -277,17 +255,35 @@ static void usage(FILE *out)
 		"1 runtime failure, 2 usage error.\n");
 }
 
+static int vusage_error(const char *fmt, va_list ap)
+{
+	fputs("vdisk bench: ", stderr);
+	vfprintf(stderr, fmt, ap);
+	fputs("\nTry 'vdisk bench --help'.\n", stderr);
+	return EXIT_USAGE;
+}
+
 static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static int usage_error(const char *fmt, ...)
 {
 	va_list ap;
+	int ret;
 
-	fputs("vdisk bench: ", stderr);
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	ret = vusage_error(fmt, ap);
 	va_end(ap);
-	fputs("\nTry 'vdisk bench --help'.\n", stderr);
-	return EXIT_USAGE;
+	return ret;
+}
+
+int vd_bench_usage_error(const char *fmt, ...)
+{
+	va_list ap;
+	int ret;
+
+	va_start(ap, fmt);
+	ret = vusage_error(fmt, ap);
+	va_end(ap);
+	return ret;
 }
 
 static int unknown_driver(const char *name)
@@ -303,8 +299,20 @@ static int unknown_driver(const char *name)
 enum {
 	OPT_DRIVER = 256, OPT_PATH, OPT_RW, OPT_RWMIXREAD, OPT_BS, OPT_IODEPTH, OPT_NUMJOBS,
 	OPT_SIZE, OPT_RUNTIME, OPT_RAMP, OPT_DIRECT, OPT_POLL, OPT_OUTPUT, OPT_STRIDE,
-	OPT_COMPARE, OPT_SET,
+	OPT_COMPARE, OPT_SET, OPT_COUNT, OPT_IMAGE, OPT_FORMAT, OPT_CACHE, OPT_AIO,
+	OPT_END_
 };
+#define N_OPTS (OPT_END_ - OPT_DRIVER)
+
+/* Options given on the command line, for checks of what combines with what. */
+struct seen_opts {
+	bool given[N_OPTS];
+};
+
+static bool seen(const struct seen_opts *s, int id)
+{
+	return s->given[id - OPT_DRIVER];
+}
 
 static const struct option long_options[] = {
 	{ "driver", required_argument, NULL, OPT_DRIVER },
@@ -323,6 +331,11 @@ static const struct option long_options[] = {
 	{ "stride", required_argument, NULL, OPT_STRIDE },
 	{ "compare", required_argument, NULL, OPT_COMPARE },
 	{ "set", required_argument, NULL, OPT_SET },
+	{ "count", required_argument, NULL, OPT_COUNT },
+	{ "image", required_argument, NULL, OPT_IMAGE },
+	{ "format", required_argument, NULL, OPT_FORMAT },
+	{ "cache", required_argument, NULL, OPT_CACHE },
+	{ "aio", required_argument, NULL, OPT_AIO },
 	{ "help", no_argument, NULL, 'h' },
 	{ NULL, 0, NULL, 0 },
 };
@@ -349,6 +362,8 @@ static void opts_init(struct bench_opts *o)
 	o->iodepth = 1;
 	o->numjobs = 1;
 	o->runtime_ns = 5 * NS_PER_S;
+	o->cache = "writeback";
+	o->aio = "io_uring";
 }
 
 static void opts_free(struct bench_opts *o)
@@ -362,8 +377,8 @@ static void opts_free(struct bench_opts *o)
 
 static int parse_rw(struct bench_opts *o, const char *arg)
 {
-	for (size_t i = 0; i < sizeof(rw_names) / sizeof(rw_names[0]); i++) {
-		if (strcmp(arg, rw_names[i]) == 0) {
+	for (size_t i = 0; i < RW_RANDRW + 1; i++) {
+		if (strcmp(arg, vd_bench_rw_names[i]) == 0) {
 			o->rw = (enum rw_mode)i;
 			return 0;
 		}
@@ -500,7 +515,24 @@ static int apply_option(struct bench_opts *o, int id, const char *arg)
 	case OPT_STRIDE:
 		return parse_size_option(id, arg, &o->stride);
 	case OPT_RUNTIME:
+		o->runtime_set = true;
 		return parse_time_option(id, arg, false, &o->runtime_ns);
+	case OPT_COUNT:
+		if (!parse_size(arg, &o->count) || o->count == 0)
+			return bad_value(id, arg, "a number of requests > 0 such as 100000 or 64k");
+		return 0;
+	case OPT_IMAGE:
+		o->image = arg;
+		return arg[0] ? 0 : bad_value(id, arg, "an image file");
+	case OPT_FORMAT:
+		o->format = arg;
+		return 0; /* values checked with the block layer's list (vd_bench_block_check_opts) */
+	case OPT_CACHE:
+		o->cache = arg;
+		return 0;
+	case OPT_AIO:
+		o->aio = arg;
+		return 0;
 	case OPT_RAMP:
 		return parse_time_option(id, arg, true, &o->ramp_ns);
 	case OPT_DIRECT:
@@ -517,13 +549,50 @@ static int apply_option(struct bench_opts *o, int id, const char *arg)
 	return usage_error("internal error: option %d", id);
 }
 
-/* Checks that involve more than one option. */
-static int check_combination(const struct bench_opts *o)
+/* The options that only make sense for one target, --image or --driver/--compare. */
+static const int block_only_opts[] = { OPT_FORMAT, OPT_CACHE, OPT_AIO };
+static const int driver_only_opts[] = { OPT_PATH, OPT_DIRECT, OPT_POLL, OPT_SET };
+
+static int check_target(const struct bench_opts *o, const struct seen_opts *s)
 {
-	if (!o->driver && o->n_compare == 0)
-		return usage_error("--driver (or --compare) is required");
+	if (!o->driver && o->n_compare == 0 && !o->image)
+		return usage_error("--driver, --compare or --image is required");
 	if (o->driver && o->n_compare > 0)
 		return usage_error("give either --driver or --compare, not both");
+	if (o->image && (o->driver || o->n_compare))
+		return usage_error("--image runs through the block layer: give it without --%s",
+				   o->driver ? "driver" : "compare");
+	for (size_t i = 0; i < sizeof(block_only_opts) / sizeof(block_only_opts[0]); i++)
+		if (!o->image && seen(s, block_only_opts[i]))
+			return usage_error("--%s applies to --image only", option_name(block_only_opts[i]));
+	for (size_t i = 0; o->image && i < sizeof(driver_only_opts) / sizeof(driver_only_opts[0]); i++) {
+		int id = driver_only_opts[i];
+
+		if (!seen(s, id))
+			continue;
+		if (id == OPT_DIRECT)
+			return usage_error("--direct does not apply to --image: --cache=none or directsync bypasses "
+					   "the page cache");
+		return usage_error("--%s does not apply to --image (it configures a libvdisk driver)",
+				   option_name(id));
+	}
+	if (o->image && o->numjobs > 1)
+		return usage_error("--numjobs=%u: the block layer path runs one thread (a node belongs to one "
+				   "thread); use --iodepth, or --driver for several queues", o->numjobs);
+	return 0;
+}
+
+/* Checks that involve more than one option. */
+static int check_combination(const struct bench_opts *o, const struct seen_opts *s)
+{
+	int ret = check_target(o, s);
+
+	if (ret)
+		return ret;
+	if (o->image && (ret = vd_bench_block_check_opts(o)))
+		return ret;
+	if (o->count && o->ramp_ns)
+		return usage_error("--ramp does not combine with --count (every request is counted)");
 	if (o->direct && o->bs % 512)
 		return usage_error("--bs=%" PRIu64 " must be a multiple of 512 with --direct=1", o->bs);
 	if (o->direct && o->stride % 512)
@@ -545,6 +614,7 @@ static int check_combination(const struct bench_opts *o)
 
 static int parse_args(struct bench_opts *o, int argc, char **argv, bool *help)
 {
+	struct seen_opts s = { { false } };
 	int id, ret;
 
 	opterr = 0;
@@ -566,10 +636,11 @@ static int parse_args(struct bench_opts *o, int argc, char **argv, bool *help)
 		ret = apply_option(o, id, optarg);
 		if (ret)
 			return ret;
+		s.given[id - OPT_DRIVER] = true;
 	}
 	if (optind < argc)
 		return usage_error("unexpected argument '%s'", argv[optind]);
-	return check_combination(o);
+	return check_combination(o, &s);
 }
 
 /* ---- Latency histogram ------------------------------------------------------ */
@@ -580,14 +651,6 @@ static int parse_args(struct bench_opts *o, int argc, char **argv, bool *help)
 #define HIST_SUB_BITS 6
 #define HIST_SUB (1u << HIST_SUB_BITS)
 #define HIST_BUCKETS ((64 - HIST_SUB_BITS + 1) * HIST_SUB)
-
-struct lat_stats {
-	uint64_t ios;
-	uint64_t sum_ns;
-	uint64_t min_ns;
-	uint64_t max_ns;
-	uint64_t *hist; /* HIST_BUCKETS counters */
-};
 
 static unsigned hist_index(uint64_t ns)
 {
@@ -613,7 +676,7 @@ static uint64_t hist_value(unsigned index)
 	return low + ((1ull << shift) >> 1);
 }
 
-static bool stats_init(struct lat_stats *s)
+bool vd_bench_stats_init(struct lat_stats *s)
 {
 	memset(s, 0, sizeof(*s));
 	s->min_ns = UINT64_MAX;
@@ -621,7 +684,7 @@ static bool stats_init(struct lat_stats *s)
 	return s->hist != NULL;
 }
 
-static void stats_record(struct lat_stats *s, uint64_t ns)
+void vd_bench_stats_record(struct lat_stats *s, uint64_t ns)
 {
 	s->ios++;
 	s->sum_ns += ns;
@@ -630,6 +693,12 @@ static void stats_record(struct lat_stats *s, uint64_t ns)
 	if (ns > s->max_ns)
 		s->max_ns = ns;
 	s->hist[hist_index(ns)]++;
+}
+
+void vd_bench_stats_free(struct lat_stats *s)
+{
+	free(s->hist);
+	s->hist = NULL;
 }
 
 static void stats_merge(struct lat_stats *into, const struct lat_stats *from)
@@ -663,7 +732,7 @@ static uint64_t stats_percentile(const struct lat_stats *s, uint64_t per100k)
 
 /* ---- Clock, random numbers ------------------------------------------------------ */
 
-static int64_t now_ns(void)
+int64_t vd_bench_now_ns(void)
 {
 	struct timespec ts;
 
@@ -671,7 +740,7 @@ static int64_t now_ns(void)
 	return (int64_t)ts.tv_sec * NS_PER_S + ts.tv_nsec;
 }
 
-static uint64_t splitmix64(uint64_t *state)
+uint64_t vd_bench_random(uint64_t *state)
 {
 	uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
 
@@ -681,9 +750,47 @@ static uint64_t splitmix64(uint64_t *state)
 }
 
 /* Uniform in [0, n) without division (Lemire). */
-static uint64_t random_below(uint64_t *state, uint64_t n)
+uint64_t vd_bench_random_below(uint64_t *state, uint64_t n)
 {
-	return (uint64_t)(((unsigned __int128)splitmix64(state) * n) >> 64);
+	return (uint64_t)(((unsigned __int128)vd_bench_random(state) * n) >> 64);
+}
+
+uint64_t vd_bench_seq_next(uint64_t off, uint64_t step, uint64_t bs, uint64_t size)
+{
+	uint64_t next = (off + step) % size;
+
+	return next > size - bs ? 0 : next;
+}
+
+bool vd_bench_pick_write(const struct bench_opts *o, uint64_t *rng)
+{
+	switch (o->rw) {
+	case RW_WRITE:
+	case RW_RANDWRITE:
+		return true;
+	case RW_RANDRW:
+		return vd_bench_random_below(rng, 100) >= o->rwmixread;
+	default:
+		return false;
+	}
+}
+
+/* Write workloads write pseudo-random data, not zeroes that compress. */
+void vd_bench_fill_random(void *buf, size_t len)
+{
+	uint64_t state = 0x5eed, *p = buf;
+
+	for (size_t i = 0; i < len / sizeof(*p); i++)
+		p[i] = vd_bench_random(&state);
+}
+
+uint64_t vd_bench_cpu_us(void)
+{
+	struct rusage ru;
+
+	getrusage(RUSAGE_SELF, &ru);
+	return (uint64_t)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000u +
+	       (uint64_t)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
 }
 
 /* ---- Run state ------------------------------------------------------------------ */
@@ -705,8 +812,10 @@ struct job {
 	struct vdisk_completion *comps;
 	uint64_t rng;
 	uint64_t next_offset; /* sequential modes */
+	uint64_t budget;      /* requests left to issue (--count; else UINT64_MAX) */
 	unsigned inflight;
 	uint64_t completed;          /* owner thread only */
+	int64_t last_counted_ns;     /* completion time of the last counted request */
 	_Atomic uint64_t progress;   /* = completed, for the progress line */
 	struct lat_stats stats;      /* measured window only */
 	bool failed;
@@ -731,25 +840,19 @@ struct run {
 	int64_t t0, measure_start;
 	_Atomic int64_t end;
 	atomic_bool abort;
+	atomic_uint jobs_done; /* job threads that have finished (--count ends the run so) */
 
 	pthread_mutex_t gate_lock;
 	pthread_cond_t gate_cond;
 	bool gate_open;
 };
 
-struct bench_result {
-	int status; /* EXIT_OK, EXIT_RUNTIME */
-	char error[ERR_LEN];
-	bool interrupted;
-	uint64_t size;
-	uint64_t ios;
-	uint64_t runtime_ns;
-	double iops;
-	double bw_bytes;
-	double cpu;
-	double lat_mean_ns;
-	uint64_t lat_min_ns, lat_max_ns, p50_ns, p99_ns, p999_ns;
-};
+static int vfail(struct bench_result *res, const char *fmt, va_list ap)
+{
+	vsnprintf(res->error, sizeof(res->error), fmt, ap);
+	res->status = EXIT_RUNTIME;
+	return -1;
+}
 
 static int fail(struct bench_result *res, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static int fail(struct bench_result *res, const char *fmt, ...)
@@ -757,9 +860,18 @@ static int fail(struct bench_result *res, const char *fmt, ...)
 	va_list ap;
 
 	va_start(ap, fmt);
-	vsnprintf(res->error, sizeof(res->error), fmt, ap);
+	vfail(res, fmt, ap);
 	va_end(ap);
-	res->status = EXIT_RUNTIME;
+	return -1;
+}
+
+int vd_bench_fail(struct bench_result *res, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vfail(res, fmt, ap);
+	va_end(ap);
 	return -1;
 }
 
@@ -793,25 +905,10 @@ static uint64_t pick_offset(struct job *j)
 	uint64_t off;
 
 	if (rw_is_random(r->o->rw))
-		return random_below(&j->rng, r->nblocks) * r->o->bs;
+		return vd_bench_random_below(&j->rng, r->nblocks) * r->o->bs;
 	off = j->next_offset;
-	j->next_offset += r->stride;
-	if (j->next_offset > r->size - r->o->bs)
-		j->next_offset = 0;
+	j->next_offset = vd_bench_seq_next(off, r->stride, r->o->bs, r->size);
 	return off;
-}
-
-static bool pick_write(struct job *j)
-{
-	switch (j->run->o->rw) {
-	case RW_WRITE:
-	case RW_RANDWRITE:
-		return true;
-	case RW_RANDRW:
-		return random_below(&j->rng, 100) >= j->run->o->rwmixread;
-	default:
-		return false;
-	}
 }
 
 static void issue(struct job *j, struct slot *s, int64_t now)
@@ -819,8 +916,9 @@ static void issue(struct job *j, struct slot *s, int64_t now)
 	size_t bs = (size_t)j->run->o->bs;
 
 	s->offset = pick_offset(j);
-	s->is_write = pick_write(j);
+	s->is_write = vd_bench_pick_write(j->run->o, &j->rng);
 	s->start_ns = now;
+	j->budget--;
 	if (s->is_write)
 		vdiskq_write(j->q, s->offset, s->buf, bs, s, 0);
 	else
@@ -846,9 +944,11 @@ static void complete(struct job *j, const struct vdisk_completion *c, const stru
 		return;
 	}
 	j->completed++;
-	if (b->counted)
-		stats_record(&j->stats, (uint64_t)(b->now - s->start_ns));
-	if (!b->stop && !j->failed)
+	if (b->counted) {
+		vd_bench_stats_record(&j->stats, (uint64_t)(b->now - s->start_ns));
+		j->last_counted_ns = b->now;
+	}
+	if (!b->stop && !j->failed && j->budget)
 		issue(j, s, b->now);
 }
 
@@ -861,18 +961,15 @@ static bool wait_for_start(struct run *r)
 	return !atomic_load(&r->abort);
 }
 
-static void *job_main(void *arg)
+static void job_run(struct job *j)
 {
-	struct job *j = arg;
 	struct run *r = j->run;
 	const int depth = (int)r->o->iodepth;
 	struct batch b;
 	int n;
 
-	if (!wait_for_start(r))
-		return NULL;
-	b.now = now_ns();
-	for (int i = 0; i < depth; i++)
+	b.now = vd_bench_now_ns();
+	for (int i = 0; i < depth && j->budget; i++)
 		issue(j, &j->slots[i], b.now);
 	while (j->inflight > 0) {
 		n = vdiskq_do_io(j->q, j->comps, 1, depth, NULL);
@@ -880,7 +977,7 @@ static void *job_main(void *arg)
 			job_error(j, "%s", vdisk_get_error_msg());
 			break;
 		}
-		b.now = now_ns();
+		b.now = vd_bench_now_ns();
 		b.stop = b.now >= atomic_load_explicit(&r->end, memory_order_relaxed) ||
 			 atomic_load_explicit(&r->abort, memory_order_relaxed);
 		b.counted = !b.stop && b.now >= r->measure_start;
@@ -888,6 +985,15 @@ static void *job_main(void *arg)
 			complete(j, &j->comps[i], &b);
 		atomic_store_explicit(&j->progress, j->completed, memory_order_relaxed);
 	}
+}
+
+static void *job_main(void *arg)
+{
+	struct job *j = arg;
+
+	if (wait_for_start(j->run))
+		job_run(j);
+	atomic_fetch_add(&j->run->jobs_done, 1);
 	return NULL;
 }
 
@@ -1017,15 +1123,6 @@ static int configure_queues(struct run *r, struct bench_result *res)
 	return ret < 0 ? lib_fail(res, ret) : 0;
 }
 
-/* Write workloads write pseudo-random data, not zeroes that compress. */
-static void fill_random(void *buf, size_t len)
-{
-	uint64_t state = 0x5eed, *p = buf;
-
-	for (size_t i = 0; i < len / sizeof(*p); i++)
-		p[i] = splitmix64(&state);
-}
-
 static int alloc_buffers(struct run *r, struct bench_result *res)
 {
 	const struct bench_opts *o = r->o;
@@ -1044,7 +1141,7 @@ static int alloc_buffers(struct run *r, struct bench_result *res)
 		return lib_fail(res, ret);
 	r->have_region = true;
 	if (rw_writes(o->rw))
-		fill_random(r->region.addr, r->region.len);
+		vd_bench_fill_random(r->region.addr, r->region.len);
 	return 0;
 }
 
@@ -1090,6 +1187,9 @@ static int init_job(struct run *r, int index, struct bench_result *res)
 	j->index = index;
 	j->rng = 0x9e3779b97f4a7c15ull * (uint64_t)(index + 1);
 	j->next_offset = r->nblocks / o->numjobs * (uint64_t)index * o->bs;
+	j->budget = UINT64_MAX;
+	if (o->count) /* --count: split between the jobs, the first ones take the remainder */
+		j->budget = o->count / o->numjobs + ((uint64_t)index < o->count % o->numjobs);
 	j->q = o->poll ? vdisk_get_poll_queue(r->v, index) : vdisk_get_queue(r->v, index);
 	if (!j->q)
 		return fail(res, "%s", vdisk_get_error_msg());
@@ -1097,7 +1197,7 @@ static int init_job(struct run *r, int index, struct bench_result *res)
 		vdiskq_set_completion_fd_enabled(j->q, false); /* we block in do_io */
 	j->slots = calloc(o->iodepth, sizeof(*j->slots));
 	j->comps = calloc(o->iodepth, sizeof(*j->comps));
-	if (!j->slots || !j->comps || !stats_init(&j->stats))
+	if (!j->slots || !j->comps || !vd_bench_stats_init(&j->stats))
 		return fail(res, "out of memory");
 	base = (char *)r->region.addr + (size_t)index * o->iodepth * r->slot_stride;
 	for (unsigned i = 0; i < o->iodepth; i++)
@@ -1173,7 +1273,7 @@ static void block_stop_signals(void)
 /* Sleep until deadline; true if SIGINT/SIGTERM arrived meanwhile. */
 static bool stop_signal_before(int64_t deadline)
 {
-	int64_t left = deadline - now_ns();
+	int64_t left = deadline - vd_bench_now_ns();
 	struct timespec ts;
 
 	if (left < 0)
@@ -1191,12 +1291,8 @@ struct cpu_window {
 
 static void cpu_sample(int64_t *wall, uint64_t *cpu_us)
 {
-	struct rusage ru;
-
-	getrusage(RUSAGE_SELF, &ru);
-	*wall = now_ns();
-	*cpu_us = (uint64_t)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000u +
-		  (uint64_t)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+	*cpu_us = vd_bench_cpu_us();
+	*wall = vd_bench_now_ns();
 }
 
 struct progress {
@@ -1222,9 +1318,13 @@ static void show_progress(const struct run *r, struct progress *p, int64_t now)
 	bool ramp = now < r->measure_start;
 	int64_t total = atomic_load(&r->end) - r->t0;
 
-	fprintf(stderr, "\r%s: %s %.0f/%.0fs  %.0f IOPS  %.1f MB/s\033[K", r->driver, ramp ? "ramp" : "run ",
-		(double)(now - r->t0) / NS_PER_S, (double)total / NS_PER_S, iops,
-		iops * (double)r->o->bs / 1e6);
+	if (r->o->count)
+		fprintf(stderr, "\r%s: run  %" PRIu64 "/%" PRIu64 " requests  %.0f IOPS  %.1f MB/s\033[K", r->driver, ios,
+			r->o->count, iops, iops * (double)r->o->bs / 1e6);
+	else
+		fprintf(stderr, "\r%s: %s %.0f/%.0fs  %.0f IOPS  %.1f MB/s\033[K", r->driver, ramp ? "ramp" : "run ",
+			(double)(now - r->t0) / NS_PER_S, (double)total / NS_PER_S, iops,
+			iops * (double)r->o->bs / 1e6);
 	p->last_ns = now;
 	p->last_ios = ios;
 }
@@ -1234,6 +1334,9 @@ static int64_t min64(int64_t a, int64_t b)
 	return a < b ? a : b;
 }
 
+/* How often a --count run looks whether the jobs are done. */
+#define COUNT_POLL_NS 2000000
+
 /* Sleep through the run, drawing progress; true if interrupted by a signal. */
 static bool supervise(struct run *r, struct cpu_window *cpu)
 {
@@ -1242,7 +1345,7 @@ static bool supervise(struct run *r, struct cpu_window *cpu)
 	bool interrupted = false;
 
 	for (;;) {
-		now = now_ns();
+		now = vd_bench_now_ns();
 		end = atomic_load(&r->end);
 		if (atomic_load(&r->abort))
 			break;
@@ -1250,7 +1353,7 @@ static bool supervise(struct run *r, struct cpu_window *cpu)
 			cpu_sample(&cpu->start_ns, &cpu->start_us);
 			cpu->started = true;
 		}
-		if (now >= end)
+		if (now >= end || atomic_load(&r->jobs_done) == r->o->numjobs)
 			break;
 		if (p.enabled && now >= next_tick) {
 			show_progress(r, &p, now);
@@ -1259,9 +1362,11 @@ static bool supervise(struct run *r, struct cpu_window *cpu)
 		wake = min64(end, p.enabled ? next_tick : end);
 		if (!cpu->started)
 			wake = min64(wake, r->measure_start);
+		if (r->o->count)
+			wake = min64(wake, now + COUNT_POLL_NS);
 		if (stop_signal_before(wake)) {
 			interrupted = true;
-			atomic_store(&r->end, now_ns());
+			atomic_store(&r->end, vd_bench_now_ns());
 		}
 	}
 	cpu_sample(&cpu->end_ns, &cpu->end_us);
@@ -1272,39 +1377,62 @@ static bool supervise(struct run *r, struct cpu_window *cpu)
 
 /* ---- Results ------------------------------------------------------------------------- */
 
+int vd_bench_fill_result(struct bench_result *res, const struct lat_stats *all, int64_t window_ns, uint64_t bs)
+{
+	if (window_ns <= 0 && all->ios == 0)
+		return fail(res, "interrupted before the measurement started");
+	if (all->ios == 0)
+		return fail(res, "no request completed within --runtime (%.3f s)", (double)window_ns / NS_PER_S);
+	if (window_ns <= 0)
+		window_ns = 1;
+	res->ios = all->ios;
+	res->runtime_ns = (uint64_t)window_ns;
+	res->iops = (double)all->ios * NS_PER_S / (double)window_ns;
+	res->bw_bytes = res->iops * (double)bs;
+	res->lat_mean_ns = (double)all->sum_ns / (double)all->ios;
+	res->lat_min_ns = all->min_ns;
+	res->lat_max_ns = all->max_ns;
+	res->p50_ns = stats_percentile(all, 50000);
+	res->p99_ns = stats_percentile(all, 99000);
+	res->p999_ns = stats_percentile(all, 99900);
+	return 0;
+}
+
+/*
+ * The measured window: from measure_start to the end of the run, or with
+ * --count to the last counted completion (the run stops when the requests
+ * are done, as qemu-img bench's "Run completed in" time).
+ */
+static int64_t measured_window(const struct run *r)
+{
+	int64_t last = 0;
+
+	if (!r->o->count)
+		return atomic_load(&r->end) - r->measure_start;
+	for (unsigned i = 0; i < r->o->numjobs; i++)
+		if (r->jobs[i].last_counted_ns > last)
+			last = r->jobs[i].last_counted_ns;
+	return last - r->measure_start;
+}
+
 static int collect(struct run *r, const struct cpu_window *cpu, struct bench_result *res)
 {
 	const struct bench_opts *o = r->o;
 	struct lat_stats all;
-	int64_t window = atomic_load(&r->end) - r->measure_start;
+	int ret;
 
 	for (unsigned i = 0; i < o->numjobs; i++)
 		if (r->jobs[i].failed)
 			return fail(res, "%s", r->jobs[i].error);
-	if (window <= 0)
-		return fail(res, "interrupted before the measurement started");
-	if (!stats_init(&all))
+	if (!vd_bench_stats_init(&all))
 		return fail(res, "out of memory");
 	for (unsigned i = 0; i < o->numjobs; i++)
 		stats_merge(&all, &r->jobs[i].stats);
-	if (all.ios == 0) {
-		free(all.hist);
-		return fail(res, "no request completed within --runtime (%.3f s)", (double)window / NS_PER_S);
-	}
-	res->ios = all.ios;
-	res->runtime_ns = (uint64_t)window;
-	res->iops = (double)all.ios * NS_PER_S / (double)window;
-	res->bw_bytes = res->iops * (double)o->bs;
-	res->lat_mean_ns = (double)all.sum_ns / (double)all.ios;
-	res->lat_min_ns = all.min_ns;
-	res->lat_max_ns = all.max_ns;
-	res->p50_ns = stats_percentile(&all, 50000);
-	res->p99_ns = stats_percentile(&all, 99000);
-	res->p999_ns = stats_percentile(&all, 99900);
-	if (cpu->started && cpu->end_ns > cpu->start_ns)
+	ret = vd_bench_fill_result(res, &all, measured_window(r), o->bs);
+	if (ret == 0 && cpu->started && cpu->end_ns > cpu->start_ns)
 		res->cpu = (double)(cpu->end_us - cpu->start_us) * 1000.0 * 100.0 / (double)(cpu->end_ns - cpu->start_ns);
-	free(all.hist);
-	return 0;
+	vd_bench_stats_free(&all);
+	return ret;
 }
 
 /* ---- One run ------------------------------------------------------------------------ */
@@ -1314,9 +1442,9 @@ static void run_measure(struct run *r, struct bench_result *res)
 	const struct bench_opts *o = r->o;
 	struct cpu_window cpu = { 0 };
 
-	r->t0 = now_ns();
+	r->t0 = vd_bench_now_ns();
 	r->measure_start = r->t0 + (int64_t)o->ramp_ns;
-	atomic_store(&r->end, r->measure_start + (int64_t)o->runtime_ns);
+	atomic_store(&r->end, r->measure_start + bench_time_limit_ns(o));
 	if (o->ramp_ns == 0) {
 		cpu_sample(&cpu.start_ns, &cpu.start_us);
 		cpu.started = true;
@@ -1352,6 +1480,7 @@ static void run_one(const struct bench_opts *o, const char *driver, struct bench
 	pthread_cond_init(&r.gate_cond, NULL);
 	atomic_init(&r.abort, false);
 	atomic_init(&r.end, 0);
+	atomic_init(&r.jobs_done, 0);
 	if (open_instance(&r, res) == 0 && init_jobs(&r, res) == 0 && start_threads(&r, res) == 0)
 		run_measure(&r, res);
 	run_teardown(&r);
@@ -1461,15 +1590,33 @@ static void json_result(FILE *f, const struct bench_opts *o, const char *driver,
 		fputc('}', f);
 		return;
 	}
-	if (o->path && driver_needs_path(driver)) {
+	if (o->image) {
+		/* The block layer: driver is the file node's libvdisk driver. */
+		fputs(",\"layer\":\"block\",\"path\":", f);
+		json_string(f, o->image);
+		fputs(",\"format\":", f);
+		json_string(f, r->format ? r->format : "?");
+		fputs(",\"cache\":", f);
+		json_string(f, o->cache);
+		fputs(",\"aio\":", f);
+		json_string(f, o->aio);
+	} else {
+		fputs(",\"layer\":\"driver\"", f);
+	}
+	if (!o->image && o->path && driver_needs_path(driver)) {
 		fputs(",\"path\":", f);
 		json_string(f, o->path);
 	}
-	fprintf(f, ",\"rw\":\"%s\",\"bs\":%" PRIu64 ",\"iodepth\":%u,\"numjobs\":%u,\"size\":%" PRIu64, rw_names[o->rw],
+	if (o->stride)
+		fprintf(f, ",\"stride\":%" PRIu64, o->stride);
+	if (o->count)
+		fprintf(f, ",\"count\":%" PRIu64, o->count);
+	fprintf(f, ",\"rw\":\"%s\",\"bs\":%" PRIu64 ",\"iodepth\":%u,\"numjobs\":%u,\"size\":%" PRIu64, vd_bench_rw_names[o->rw],
 		o->bs, o->iodepth, o->numjobs, r->size);
 	if (o->rw == RW_RANDRW)
 		fprintf(f, ",\"rwmixread\":%u", o->rwmixread);
-	fprintf(f, ",\"direct\":%s,\"poll\":%s,\"runtime_ns\":%" PRIu64 ",\"interrupted\":%s", o->direct ? "true" : "false",
+	fprintf(f, ",\"direct\":%s,\"poll\":%s,\"runtime_ns\":%" PRIu64 ",\"interrupted\":%s",
+		o->direct || (o->image && r->direct) ? "true" : "false",
 		o->poll ? "true" : "false", r->runtime_ns, r->interrupted ? "true" : "false");
 	fprintf(f, ",\"ios\":%" PRIu64 ",\"iops\":%.1f,\"bw_bytes\":%.0f", r->ios, r->iops, r->bw_bytes);
 	fprintf(f,
@@ -1506,8 +1653,13 @@ static void print_summary(const struct bench_opts *o, const char *driver, const 
 
 	format_size(bs, sizeof(bs), o->bs);
 	format_size(size, sizeof(size), r->size);
-	printf("%s: rw=%s bs=%s iodepth=%u numjobs=%u size=%s direct=%d poll=%d\n", driver, rw_names[o->rw], bs,
-	       o->iodepth, o->numjobs, size, o->direct, o->poll);
+	if (o->image)
+		printf("%s (%s, cache=%s, aio=%s -> %s): rw=%s bs=%s iodepth=%u size=%s\n", o->image,
+		       r->format ? r->format : "?", o->cache, o->aio, driver, vd_bench_rw_names[o->rw], bs, o->iodepth,
+		       size);
+	else
+		printf("%s: rw=%s bs=%s iodepth=%u numjobs=%u size=%s direct=%d poll=%d\n", driver,
+		       vd_bench_rw_names[o->rw], bs, o->iodepth, o->numjobs, size, o->direct, o->poll);
 	printf("  iops     : %.0f\n", r->iops);
 	printf("  bandwidth: %.1f MB/s (%.1f MiB/s)\n", r->bw_bytes / 1e6, r->bw_bytes / (1024.0 * 1024.0));
 	printf("  lat (us) : mean %.2f, p50 %.2f, p99 %.2f, p99.9 %.2f (min %.2f, max %.2f)\n",
@@ -1523,7 +1675,7 @@ static void print_table(const struct bench_opts *o, const struct bench_result *r
 	char bs[24];
 
 	format_size(bs, sizeof(bs), o->bs);
-	printf("rw=%s bs=%s iodepth=%u numjobs=%u direct=%d poll=%d\n\n", rw_names[o->rw], bs, o->iodepth,
+	printf("rw=%s bs=%s iodepth=%u numjobs=%u direct=%d poll=%d\n\n", vd_bench_rw_names[o->rw], bs, o->iodepth,
 	       o->numjobs, o->direct, o->poll);
 	printf("%-10s | %10s | %9s | %9s | %9s | %9s | %9s | %6s\n", "driver", "IOPS", "MB/s", "mean us", "p50 us",
 	       "p99 us", "p99.9 us", "CPU%");
@@ -1543,7 +1695,7 @@ static void print_table(const struct bench_opts *o, const struct bench_result *r
 
 /* ---- main ------------------------------------------------------------------------------ */
 
-static bool stop_signal_pending(void)
+bool vd_bench_stop_signal_pending(void)
 {
 	struct timespec zero = { 0, 0 };
 
@@ -1568,13 +1720,31 @@ static int bench_single(const struct bench_opts *o)
 	return EXIT_OK;
 }
 
+static int bench_image(const struct bench_opts *o)
+{
+	struct bench_result res;
+
+	vd_bench_block_run(o, &res);
+	if (res.status != EXIT_OK) {
+		fprintf(stderr, "vdisk bench: %s: %s\n", o->image, res.error);
+		return res.status;
+	}
+	if (o->json) {
+		json_result(stdout, o, res.driver, &res);
+		fputc('\n', stdout);
+	} else {
+		print_summary(o, res.driver, &res);
+	}
+	return EXIT_OK;
+}
+
 static int bench_compare(const struct bench_opts *o)
 {
 	struct bench_result res[MAX_COMPARE];
 	bool any_ok = false, stopped = false;
 
 	for (int i = 0; i < o->n_compare; i++) {
-		if (stopped || (stopped = stop_signal_pending())) {
+		if (stopped || (stopped = vd_bench_stop_signal_pending())) {
 			memset(&res[i], 0, sizeof(res[i]));
 			fail(&res[i], "not run: interrupted");
 			continue;
@@ -1625,10 +1795,10 @@ int vd_bench_main(int argc, char **argv)
 	if (status == EXIT_OK)
 		status = check_all_settings(&o);
 	if (status == EXIT_OK)
-		status = create_missing_file(&o);
+		status = o.image ? vd_bench_block_prepare(&o) : create_missing_file(&o);
 	if (status == EXIT_OK) {
 		block_stop_signals();
-		status = o.driver ? bench_single(&o) : bench_compare(&o);
+		status = o.image ? bench_image(&o) : o.driver ? bench_single(&o) : bench_compare(&o);
 	}
 	if (fflush(stdout) != 0 && status == EXIT_OK) {
 		fprintf(stderr, "vdisk bench: writing the results: %s\n", strerror(errno));

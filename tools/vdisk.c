@@ -2,7 +2,7 @@
 /*
  * vdisk — the command-line tool.  main() only dispatches: each subcommand
  * lives in its own tools/<name>.c and is one line in the table below
- * (bench today; create, info, check, convert, map, ... later).
+ * (the image commands in tools/image/, plus bench).
  *
  * Exit status, for every subcommand: 0 success, 1 runtime failure,
  * 2 usage error.
@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "config.h"
+#include "image/commands.h"
 
 /*
  * Each subcommand is a main (argv[0] is the subcommand's name) returning the
@@ -27,18 +28,41 @@ struct subcommand {
 	int (*main)(int argc, char **argv);
 };
 
-static const struct subcommand subcommands[] = {
-	{ "bench", "measure libvdisk drivers with a fio-like workload", vd_bench_main },
+static const struct subcommand tool_commands[] = {
+	{ "bench", "measure libvdisk drivers or block nodes with a fio-like workload", vd_bench_main },
 };
-#define N_SUBCOMMANDS (sizeof(subcommands) / sizeof(subcommands[0]))
+#define N_TOOL_COMMANDS (sizeof(tool_commands) / sizeof(tool_commands[0]))
+
+/* The image commands (tools/image/) first, then the tool's own. */
+static size_t n_subcommands(void)
+{
+	size_t n = 0;
+
+	while (vd_image_cmds[n].name)
+		n++;
+	return n + N_TOOL_COMMANDS;
+}
+
+static struct subcommand subcommand_at(size_t i)
+{
+	size_t n_image = n_subcommands() - N_TOOL_COMMANDS;
+
+	if (i < n_image)
+		return (struct subcommand){ vd_image_cmds[i].name, vd_image_cmds[i].summary, vd_image_cmds[i].fn };
+	return tool_commands[i - n_image];
+}
 
 enum { EXIT_USAGE = 2 };
 
 static const struct subcommand *find_subcommand(const char *name)
 {
-	for (size_t i = 0; i < N_SUBCOMMANDS; i++)
-		if (strcmp(subcommands[i].name, name) == 0)
-			return &subcommands[i];
+	static struct subcommand found;
+
+	for (size_t i = 0; i < n_subcommands(); i++) {
+		found = subcommand_at(i);
+		if (strcmp(found.name, name) == 0)
+			return &found;
+	}
 	return NULL;
 }
 
@@ -48,12 +72,12 @@ static void usage(FILE *out)
 		"Usage: vdisk COMMAND [OPTIONS]\n"
 		"       vdisk help COMMAND\n"
 		"\n"
-		"vdisk command-line tool: benchmarks libvdisk drivers (image commands such\n"
-		"as create, info, check, convert and map will follow).\n"
+		"vdisk command-line tool: disk images (qemu-img's jobs, same option names)\n"
+		"and benchmarks of libvdisk drivers and block nodes.\n"
 		"\n"
 		"Commands:\n");
-	for (size_t i = 0; i < N_SUBCOMMANDS; i++)
-		fprintf(out, "  %-10s %s\n", subcommands[i].name, subcommands[i].summary);
+	for (size_t i = 0; i < n_subcommands(); i++)
+		fprintf(out, "  %-10s %s\n", subcommand_at(i).name, subcommand_at(i).summary);
 	fprintf(out,
 		"\n"
 		"Options:\n"
@@ -67,8 +91,8 @@ static void usage(FILE *out)
 static int unknown_command(const char *name)
 {
 	fprintf(stderr, "vdisk: unknown command '%s' (known:", name);
-	for (size_t i = 0; i < N_SUBCOMMANDS; i++)
-		fprintf(stderr, "%s %s", i ? "," : "", subcommands[i].name);
+	for (size_t i = 0; i < n_subcommands(); i++)
+		fprintf(stderr, "%s %s", i ? "," : "", subcommand_at(i).name);
 	fprintf(stderr, ")\nTry 'vdisk --help'.\n");
 	return EXIT_USAGE;
 }
