@@ -74,7 +74,7 @@ struct vdisk_mem_region {
 
 /*
  * Create an instance of the named driver ("io_uring", "linux-aio",
- * "posix-aio", "threads", "sync", "null").
+ * "posix-aio", "threads", "sync", "null", "nbd").
  * Returns 0, -ENOENT (unknown driver), -ENOMEM.
  */
 int vdisk_create(const char *driver, struct vdisk **out);
@@ -130,7 +130,7 @@ const char *const *vdisk_list_drivers(void);
  *   queue-size            int     connected  connected (max in flight per queue)
  *
  * Drivers add their own (io_uring: "sqpoll"; threads: "num-threads";
- * null: "size").  vdisk_list_properties() lists all of an instance's.
+ * null: "size", "read-zeroes"; nbd: "uri", "host", "port", "export-name").  vdisk_list_properties() lists all of an instance's.
  *
  * Returns 0, -ENOENT (unknown name), -ENOTTY (wrong type), -EINVAL (value out
  * of range), -EBUSY (wrong state for this access), -EACCES (read-only

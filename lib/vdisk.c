@@ -188,6 +188,10 @@ VD_EXPORT void vdisk_destroy(struct vdisk **vp)
 	}
 	if (v->drv->destroy && v->state != VD_CREATED)
 		v->drv->destroy(v);
+	/* Driver string properties are owned here (a driver may free and NULL them first). */
+	for (const struct vd_prop *p = v->drv->props; p && p->name; p++)
+		if (p->type == VD_PROP_STR && p->in_driver && v->priv)
+			free(*(char **)((char *)v->priv + p->offset));
 	free(v->path);
 	free(v->prop_names);
 	free(v->priv);
