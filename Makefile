@@ -3,6 +3,10 @@
 BUILD ?= build
 ASAN_BUILD ?= build-asan
 PREFIX ?= /usr/local
+# Every pytest suite: libvdisk drivers, the NBD client, the image tool, qcow2,
+# the block-layer bench, the daemon.
+PYTEST_DIRS := $(wildcard tests/integration tests/nbd tests/image tests/qcow2 tests/bench tests/daemon)
+PYTEST = /usr/bin/python3 -m pytest -q -p no:cacheprovider
 
 .PHONY: all deps demo check check-unit check-integration check-asan install clean bench
 
@@ -29,7 +33,8 @@ check-unit: all
 	meson test -C $(BUILD) --print-errorlogs
 
 check-integration: all
-	VDISK_BUILD=$(CURDIR)/$(BUILD) /usr/bin/python3 -m pytest -q tests/integration
+	@set -e; for d in $(PYTEST_DIRS); do echo "== pytest $$d"; \
+		VDISK_BUILD=$(CURDIR)/$(BUILD) $(PYTEST) $$d; done
 
 check-asan: $(ASAN_BUILD)/build.ninja
 	ninja -C $(ASAN_BUILD)
@@ -37,8 +42,9 @@ check-asan: $(ASAN_BUILD)/build.ninja
 	@ln -sf daemon/vdiskd $(ASAN_BUILD)/vdiskd
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		meson test -C $(ASAN_BUILD) --print-errorlogs
-	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-		VDISK_BUILD=$(CURDIR)/$(ASAN_BUILD) /usr/bin/python3 -m pytest -q tests/integration
+	@set -e; for d in $(PYTEST_DIRS); do echo "== pytest (ASan+UBSan) $$d"; \
+		ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		VDISK_BUILD=$(CURDIR)/$(ASAN_BUILD) $(PYTEST) $$d; done
 
 install: all
 	meson install -C $(BUILD)
