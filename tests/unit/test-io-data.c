@@ -20,9 +20,9 @@ static void write_then_read(struct fx *f, uint64_t off, size_t len, unsigned see
 	assert_int_equal(posix_memalign(&ra, 4096, len), 0);
 	fill_pattern(wa, len, off, seed);
 	memset(ra, 0xee, len);
-	vdiskq_write(f->q, off, wa, len, wa, 0);
+	assert_int_equal(vdiskq_write(f->q, off, wa, len, wa, 0), 0);
 	assert_int_equal(wait_one(f->q, wa, NULL), 0);
-	vdiskq_read(f->q, off, ra, len, ra, 0);
+	assert_int_equal(vdiskq_read(f->q, off, ra, len, ra, 0), 0);
 	assert_int_equal(wait_one(f->q, ra, NULL), 0);
 	if (check_pattern(ra, len, off, seed) != -1)
 		fail_msg("read back %zu bytes at %" PRIu64 ": mismatch at +%ld", len, off, check_pattern(ra, len, off, seed));
@@ -55,11 +55,11 @@ static void data_written_to_the_file_is_read(void **state)
 	pwrite_file(f->path, w, 128 * KiB, 2 * MiB);
 	fx_open(f, 0);
 	memset(r, 0, 128 * KiB);
-	vdiskq_read(f->q, 2 * MiB, r, 128 * KiB, r, 0);
+	assert_int_equal(vdiskq_read(f->q, 2 * MiB, r, 128 * KiB, r, 0), 0);
 	assert_int_equal(wait_one(f->q, r, NULL), 0);
 	assert_int_equal(check_pattern(r, 128 * KiB, 2 * MiB, 77), -1);
 	/* Unwritten (sparse) ranges read as zeroes. */
-	vdiskq_read(f->q, 20 * MiB, r, 128 * KiB, r, 0);
+	assert_int_equal(vdiskq_read(f->q, 20 * MiB, r, 128 * KiB, r, 0), 0);
 	assert_int_equal(wait_one(f->q, r, NULL), 0);
 	assert_true(all_bytes(r, 128 * KiB, 0));
 }
@@ -84,7 +84,7 @@ static void vectored_io_uses_each_segment_in_order(void **state)
 		fill_pattern(wi[i].iov_base, seg[i], off + pos, 31);
 		pos += seg[i];
 	}
-	vdiskq_writev(f->q, off, wi, 3, wi, 0);
+	assert_int_equal(vdiskq_writev(f->q, off, wi, 3, wi, 0), 0);
 	assert_int_equal(wait_one(f->q, wi, NULL), 0);
 	pread_file(f->path, flat, total, off);
 	assert_int_equal(check_pattern(flat, total, off, 31), -1);
@@ -95,7 +95,7 @@ static void vectored_io_uses_each_segment_in_order(void **state)
 	ri[1].iov_len = 16 * KiB;
 	ri[2].iov_base = r + 2 * stride + 4 * KiB;
 	ri[2].iov_len = 16 * KiB;
-	vdiskq_readv(f->q, off, ri, 3, ri, 0);
+	assert_int_equal(vdiskq_readv(f->q, off, ri, 3, ri, 0), 0);
 	assert_int_equal(wait_one(f->q, ri, NULL), 0);
 	assert_int_equal(check_pattern(ri[0].iov_base, 32 * KiB, off, 31), -1);
 	assert_int_equal(check_pattern(ri[1].iov_base, 16 * KiB, off + 32 * KiB, 31), -1);
@@ -113,14 +113,14 @@ static void flush_and_fua_succeed(void **state)
 	unsigned char *w = fx_buf(f, 64 * KiB), *r = fx_buf(f, 64 * KiB);
 
 	fx_open(f, 0);
-	vdiskq_flush(f->q, (void *)1, 0);
+	assert_int_equal(vdiskq_flush(f->q, (void *)1, 0), 0);
 	assert_int_equal(wait_one(f->q, (void *)1, NULL), 0);
 	fill_pattern(w, 64 * KiB, 0, 8);
-	vdiskq_write(f->q, 0, w, 64 * KiB, (void *)2, VDISK_REQ_FUA);
+	assert_int_equal(vdiskq_write(f->q, 0, w, 64 * KiB, (void *)2, VDISK_REQ_FUA), 0);
 	assert_int_equal(wait_one(f->q, (void *)2, NULL), 0);
 	pread_file(f->path, r, 64 * KiB, 0);
 	assert_int_equal(check_pattern(r, 64 * KiB, 0, 8), -1);
-	vdiskq_flush(f->q, (void *)3, 0);
+	assert_int_equal(vdiskq_flush(f->q, (void *)3, 0), 0);
 	assert_int_equal(wait_one(f->q, (void *)3, NULL), 0);
 }
 
@@ -154,7 +154,7 @@ static void write_pattern_and_sync(struct fx *f, uint64_t off, size_t len)
 
 	assert_int_equal(posix_memalign(&a, 4096, len), 0);
 	fill_pattern(a, len, off, 44);
-	vdiskq_write(f->q, off, a, len, a, VDISK_REQ_FUA);
+	assert_int_equal(vdiskq_write(f->q, off, a, len, a, VDISK_REQ_FUA), 0);
 	assert_int_equal(wait_one(f->q, a, NULL), 0);
 	free(a);
 }
@@ -165,7 +165,7 @@ static void assert_zeroes(struct fx *f, uint64_t off, size_t len)
 
 	assert_int_equal(posix_memalign(&r, 4096, len), 0);
 	memset(r, 0x99, len);
-	vdiskq_read(f->q, off, r, len, r, 0);
+	assert_int_equal(vdiskq_read(f->q, off, r, len, r, 0), 0);
 	assert_int_equal(wait_one(f->q, r, NULL), 0);
 	if (!all_bytes(r, len, 0))
 		fail_msg("%zu bytes at %" PRIu64 " do not read back as zeroes through %s", len, off, f->cfg->name);
@@ -182,7 +182,7 @@ static void discard_punches_a_hole_that_reads_as_zeroes(void **state)
 	fx_open(f, 0);
 	write_pattern_and_sync(f, 4 * MiB, 1 * MiB);
 	assert_true(has_data(f->path, 4 * MiB, 1 * MiB));
-	vdiskq_discard(f->q, 4 * MiB, 1 * MiB, (void *)1, 0);
+	assert_int_equal(vdiskq_discard(f->q, 4 * MiB, 1 * MiB, (void *)1, 0), 0);
 	assert_int_equal(wait_one(f->q, (void *)1, NULL), 0);
 	assert_false(has_data(f->path, 4 * MiB, 1 * MiB));
 	assert_zeroes(f, 4 * MiB, 1 * MiB);
@@ -209,7 +209,7 @@ static void write_zeroes_reads_back_as_zeroes(void **state)
 		int ret;
 
 		write_pattern_and_sync(f, off, 1 * MiB);
-		vdiskq_write_zeroes(f->q, off + 64 * KiB, 512 * KiB, (void *)(uintptr_t)(i + 1), flag_sets[i]);
+		assert_int_equal(vdiskq_write_zeroes(f->q, off + 64 * KiB, 512 * KiB, (void *)(uintptr_t)(i + 1), flag_sets[i]), 0);
 		ret = wait_one(f->q, (void *)(uintptr_t)(i + 1), &msg);
 		if (ret == -ENOTSUP && (flag_sets[i] & VDISK_REQ_NO_FALLBACK)) {
 			print_message("write-zeroes flags 0x%x: -ENOTSUP (no fast path here)\n", flag_sets[i]);
@@ -235,9 +235,9 @@ static void write_zeroes_no_unmap_keeps_blocks_allocated(void **state)
 	write_pattern_and_sync(f, 16 * MiB, 4 * MiB);
 	before = allocated_bytes(f->path);
 	assert_true(before >= 4 * MiB);
-	vdiskq_write_zeroes(f->q, 16 * MiB, 4 * MiB, (void *)1, VDISK_REQ_NO_UNMAP);
+	assert_int_equal(vdiskq_write_zeroes(f->q, 16 * MiB, 4 * MiB, (void *)1, VDISK_REQ_NO_UNMAP), 0);
 	assert_int_equal(wait_one(f->q, (void *)1, NULL), 0);
-	vdiskq_flush(f->q, (void *)2, 0);
+	assert_int_equal(vdiskq_flush(f->q, (void *)2, 0), 0);
 	assert_int_equal(wait_one(f->q, (void *)2, NULL), 0);
 	after = allocated_bytes(f->path);
 	/* A punched hole would free 4 MiB; allow for a little metadata churn. */

@@ -199,7 +199,7 @@ static void fd_is_used_and_left_open(void **state)
 	assert_int_equal(f->capacity, FX_FILE_SIZE);
 	fx_start(f);
 	fill_pattern(buf, 8192, 65536, 3);
-	vdiskq_write(f->q, 65536, buf, 8192, buf, 0);
+	assert_int_equal(vdiskq_write(f->q, 65536, buf, 8192, buf, 0), 0);
 	assert_int_equal(wait_one(f->q, buf, NULL), 0);
 	vdisk_destroy(&f->v);
 	/* Still open, and the data is in the file. */

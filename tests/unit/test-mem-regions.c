@@ -194,16 +194,16 @@ static void io_through_mapped_regions(void **state)
 	fill_pattern(wp, len, 1 << 20, 21);
 	memset(rp, 0xff, len);
 	/* Whole region, then a slice in the middle of it (io_uring: fixed buffer + offset). */
-	vdiskq_write(f->q, 1 << 20, wp, len, (void *)1, 0);
+	assert_int_equal(vdiskq_write(f->q, 1 << 20, wp, len, (void *)1, 0), 0);
 	assert_int_equal(wait_one(f->q, (void *)1, NULL), 0);
-	vdiskq_read(f->q, (1 << 20) + 65536, rp + 131072, 65536, (void *)2, 0);
+	assert_int_equal(vdiskq_read(f->q, (1 << 20) + 65536, rp + 131072, 65536, (void *)2, 0), 0);
 	assert_int_equal(wait_one(f->q, (void *)2, NULL), 0);
 	/* Vectored, two regions. */
 	iov[0].iov_base = rp;
 	iov[0].iov_len = 65536;
 	iov[1].iov_base = wp + 262144;
 	iov[1].iov_len = 65536;
-	vdiskq_readv(f->q, 1 << 20, iov, 2, (void *)3, 0);
+	assert_int_equal(vdiskq_readv(f->q, 1 << 20, iov, 2, (void *)3, 0), 0);
 	assert_int_equal(wait_one(f->q, (void *)3, NULL), 0);
 	if (f->cfg->file) {
 		assert_int_equal(check_pattern(rp + 131072, 65536, (1 << 20) + 65536, 21), -1);
@@ -213,7 +213,7 @@ static void io_through_mapped_regions(void **state)
 	/* Unmapped regions still work as plain memory. */
 	vdisk_unmap_mem_region(f->v, r);
 	memset(rp, 0, len);
-	vdiskq_read(f->q, 1 << 20, rp, len, (void *)4, 0);
+	assert_int_equal(vdiskq_read(f->q, 1 << 20, rp, len, (void *)4, 0), 0);
 	assert_int_equal(wait_one(f->q, (void *)4, NULL), 0);
 	if (f->cfg->file)
 		assert_int_equal(check_pattern(rp, len, 1 << 20, 21), -1);
@@ -228,7 +228,7 @@ static void map_after_start_is_allowed(void **state)
 	assert_int_equal(vdisk_alloc_mem_region(f->v, m, 65536), 0);
 	assert_int_equal(vdisk_map_mem_region(f->v, m), 0);
 	memset(m->addr, 0x3c, 65536);
-	vdiskq_write(f->q, 0, m->addr, 65536, (void *)1, VDISK_REQ_FUA);
+	assert_int_equal(vdiskq_write(f->q, 0, m->addr, 65536, (void *)1, VDISK_REQ_FUA), 0);
 	assert_int_equal(wait_one(f->q, (void *)1, NULL), 0);
 	vdisk_unmap_mem_region(f->v, m);
 	vdisk_unmap_mem_region(f->v, m); /* unmapping twice is harmless */

@@ -15,13 +15,13 @@ static void use_poll_queue(struct fx *f, struct vdiskq *pq)
 
 	assert_int_equal(vdiskq_get_completion_fd(pq), -ENOTSUP);
 	fill_pattern(w, 65536, 4096, 5);
-	vdiskq_write(pq, 4096, w, 65536, (void *)1, 0);
+	assert_int_equal(vdiskq_write(pq, 4096, w, 65536, (void *)1, 0), 0);
 	t = ts_sec(FX_TIMEOUT_S);
 	assert_int_equal(vdiskq_do_io(pq, c, 1, 2, &t), 1);
 	assert_ptr_equal(c[0].user_data, (void *)1);
 	assert_int_equal(c[0].ret, 0);
 	memset(r, 0, 65536);
-	vdiskq_read(pq, 4096, r, 65536, (void *)2, 0);
+	assert_int_equal(vdiskq_read(pq, 4096, r, 65536, (void *)2, 0), 0);
 	/* Polling: spin with min_completions 0 as a poll-mode application does. */
 	clock_gettime(CLOCK_MONOTONIC, &t);
 	for (;;) {
@@ -61,6 +61,7 @@ static void poll_queues_work_or_are_refused(void **state)
 			fail_msg("refusing num-poll-queues=1 returned %d (%s), expected -ENOTSUP", ret,
 				 vdisk_get_error_msg());
 		assert_msg_contains("num-poll-queues");
+		print_message("%s: %s\n", f->cfg->name, vdisk_get_error_msg());
 		/* Refused, but the instance still starts without poll queues. */
 		fx_start(f);
 		assert_null(vdisk_get_poll_queue(f->v, 0));
@@ -74,6 +75,7 @@ static void poll_queues_work_or_are_refused(void **state)
 			fail_msg("vdisk_start with a poll queue returned %d (%s), expected -ENOTSUP", ret,
 				 vdisk_get_error_msg());
 		assert_true(vdisk_get_error_msg()[0] != '\0');
+		print_message("%s: %s\n", f->cfg->name, vdisk_get_error_msg());
 		return;
 	}
 	print_message("%s: poll queues supported\n", f->cfg->name);

@@ -78,7 +78,7 @@ static void null_read_zeroes(void **state)
 		q = vdisk_get_queue(v, 0);
 		assert_non_null(q);
 		memset(buf, 0xee, 8192);
-		vdiskq_read(q, 4096, buf, 8192, buf, 0);
+		assert_int_equal(vdiskq_read(q, 4096, buf, 8192, buf, 0), 0);
 		assert_int_equal(wait_one(q, buf, NULL), 0);
 		if (rz == 0)
 			assert_true(all_bytes(buf, 8192, 0xee)); /* untouched */
@@ -87,9 +87,9 @@ static void null_read_zeroes(void **state)
 		/* Writes are dropped: the data never comes back. */
 		if (rz != 0) {
 			memset(buf, 0x11, 8192);
-			vdiskq_write(q, 0, buf, 8192, NULL, 0);
+			assert_int_equal(vdiskq_write(q, 0, buf, 8192, NULL, 0), 0);
 			assert_int_equal(wait_one(q, NULL, NULL), 0);
-			vdiskq_read(q, 0, buf, 8192, NULL, 0);
+			assert_int_equal(vdiskq_read(q, 0, buf, 8192, NULL, 0), 0);
 			assert_int_equal(wait_one(q, NULL, NULL), 0);
 			assert_true(all_bytes(buf, 8192, 0));
 		}
@@ -117,9 +117,9 @@ static void write_read_back(struct fx *f)
 
 	fill_pattern(w, 65536, 1 << 20, 7);
 	memset(r, 0, 65536);
-	vdiskq_write(f->q, 1 << 20, w, 65536, w, 0);
+	assert_int_equal(vdiskq_write(f->q, 1 << 20, w, 65536, w, 0), 0);
 	assert_int_equal(wait_one(f->q, w, NULL), 0);
-	vdiskq_read(f->q, 1 << 20, r, 65536, r, 0);
+	assert_int_equal(vdiskq_read(f->q, 1 << 20, r, 65536, r, 0), 0);
 	assert_int_equal(wait_one(f->q, r, NULL), 0);
 	assert_int_equal(check_pattern(r, 65536, 1 << 20, 7), -1);
 }

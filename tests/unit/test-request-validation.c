@@ -4,6 +4,7 @@
  * read-only instance -EBADF, misaligned direct I/O -EINVAL, unsupported flags
  * -EINVAL, too many segments -EINVAL; each completes (through do_io, with its
  * user_data) with an error message, and the queue keeps working afterwards.
+ * Enqueueing an invalid request still returns 0: its error comes as its completion.
  */
 #include "test-util.h"
 
@@ -26,7 +27,7 @@ static void queue_still_works(struct fx *f)
 {
 	unsigned char *buf = fx_buf(f, BLK);
 
-	vdiskq_read(f->q, 0, buf, BLK, buf, 0);
+	assert_int_equal(vdiskq_read(f->q, 0, buf, BLK, buf, 0), 0);
 	assert_int_equal(wait_one(f->q, buf, NULL), 0);
 }
 
@@ -48,21 +49,21 @@ static void past_capacity_is_einval(void **state)
 	fx_open(f, 0);
 	cap = f->capacity;
 	memset(buf, 0x77, 2 * BLK);
-	vdiskq_read(f->q, cap, buf, BLK, (void *)1, 0);
+	assert_int_equal(vdiskq_read(f->q, cap, buf, BLK, (void *)1, 0), 0);
 	expect_fail(f, (void *)1, -EINVAL, "capacity");
 	/* Straddling the end: nothing may be written, the file must not grow. */
-	vdiskq_write(f->q, cap - BLK, buf, 2 * BLK, (void *)2, 0);
+	assert_int_equal(vdiskq_write(f->q, cap - BLK, buf, 2 * BLK, (void *)2, 0), 0);
 	expect_fail(f, (void *)2, -EINVAL, "capacity");
-	vdiskq_writev(f->q, cap - BLK, iov, 2, (void *)3, 0);
+	assert_int_equal(vdiskq_writev(f->q, cap - BLK, iov, 2, (void *)3, 0), 0);
 	expect_fail(f, (void *)3, -EINVAL, "capacity");
 	/* offset + len overflowing 64 bits */
-	vdiskq_read(f->q, UINT64_MAX - BLK + 1, buf, BLK, (void *)4, 0);
+	assert_int_equal(vdiskq_read(f->q, UINT64_MAX - BLK + 1, buf, BLK, (void *)4, 0), 0);
 	expect_fail(f, (void *)4, -EINVAL, "capacity");
-	vdiskq_discard(f->q, cap - BLK, 2 * BLK, (void *)5, 0);
+	assert_int_equal(vdiskq_discard(f->q, cap - BLK, 2 * BLK, (void *)5, 0), 0);
 	expect_fail(f, (void *)5, -EINVAL, "capacity");
-	vdiskq_write_zeroes(f->q, cap, BLK, (void *)6, 0);
+	assert_int_equal(vdiskq_write_zeroes(f->q, cap, BLK, (void *)6, 0), 0);
 	expect_fail(f, (void *)6, -EINVAL, "capacity");
-	vdiskq_write_zeroes(f->q, BLK, UINT64_MAX, (void *)7, 0);
+	assert_int_equal(vdiskq_write_zeroes(f->q, BLK, UINT64_MAX, (void *)7, 0), 0);
 	expect_fail(f, (void *)7, -EINVAL, "capacity");
 	if (f->cfg->file) {
 		assert_int_equal(file_size(f->path), FX_FILE_SIZE);
@@ -70,7 +71,7 @@ static void past_capacity_is_einval(void **state)
 		assert_true(all_bytes(buf, BLK, 0));
 	}
 	/* The last block itself is fine. */
-	vdiskq_read(f->q, cap - BLK, buf, BLK, (void *)8, 0);
+	assert_int_equal(vdiskq_read(f->q, cap - BLK, buf, BLK, (void *)8, 0), 0);
 	assert_int_equal(wait_one(f->q, (void *)8, NULL), 0);
 }
 
@@ -85,13 +86,13 @@ static void write_on_read_only_is_ebadf(void **state)
 	fx_connect(f);
 	fx_start(f);
 	memset(buf, 0x42, BLK);
-	vdiskq_write(f->q, 0, buf, BLK, (void *)1, 0);
+	assert_int_equal(vdiskq_write(f->q, 0, buf, BLK, (void *)1, 0), 0);
 	expect_fail(f, (void *)1, -EBADF, "read-only");
-	vdiskq_writev(f->q, 0, &iov, 1, (void *)2, 0);
+	assert_int_equal(vdiskq_writev(f->q, 0, &iov, 1, (void *)2, 0), 0);
 	expect_fail(f, (void *)2, -EBADF, "read-only");
-	vdiskq_discard(f->q, 0, BLK, (void *)3, 0);
+	assert_int_equal(vdiskq_discard(f->q, 0, BLK, (void *)3, 0), 0);
 	expect_fail(f, (void *)3, -EBADF, "read-only");
-	vdiskq_write_zeroes(f->q, 0, BLK, (void *)4, 0);
+	assert_int_equal(vdiskq_write_zeroes(f->q, 0, BLK, (void *)4, 0), 0);
 	expect_fail(f, (void *)4, -EBADF, "read-only");
 	if (f->cfg->file) {
 		pread_file(f->path, buf, BLK, 0);
@@ -113,22 +114,22 @@ static void misaligned_direct_io_is_einval(void **state)
 	}
 	if (f->req_align > 1) {
 		/* Misaligned offset, misaligned length, for reads and writes. */
-		vdiskq_read(f->q, (uint64_t)f->req_align / 2, buf, (size_t)f->req_align, (void *)1, 0);
+		assert_int_equal(vdiskq_read(f->q, (uint64_t)f->req_align / 2, buf, (size_t)f->req_align, (void *)1, 0), 0);
 		expect_fail(f, (void *)1, -EINVAL, "alignment");
-		vdiskq_write(f->q, 0, buf, (size_t)f->req_align + 1, (void *)2, 0);
+		assert_int_equal(vdiskq_write(f->q, 0, buf, (size_t)f->req_align + 1, (void *)2, 0), 0);
 		expect_fail(f, (void *)2, -EINVAL, "alignment");
-		vdiskq_write(f->q, 1, buf, (size_t)f->req_align, (void *)3, 0);
+		assert_int_equal(vdiskq_write(f->q, 1, buf, (size_t)f->req_align, (void *)3, 0), 0);
 		expect_fail(f, (void *)3, -EINVAL, "alignment");
 	}
 	if (f->buf_align > 1) {
 		/* Misaligned buffer address; misaligned segment length inside a vector. */
-		vdiskq_read(f->q, 0, buf + f->buf_align / 2, BLK, (void *)4, 0);
+		assert_int_equal(vdiskq_read(f->q, 0, buf + f->buf_align / 2, BLK, (void *)4, 0), 0);
 		expect_fail(f, (void *)4, -EINVAL, "alignment");
 		iov[0].iov_base = buf;
 		iov[0].iov_len = BLK - (size_t)f->buf_align / 2;
 		iov[1].iov_base = buf + 2 * BLK;
 		iov[1].iov_len = (size_t)f->buf_align / 2;
-		vdiskq_writev(f->q, 0, iov, 2, (void *)5, 0);
+		assert_int_equal(vdiskq_writev(f->q, 0, iov, 2, (void *)5, 0), 0);
 		expect_fail(f, (void *)5, -EINVAL, "alignment");
 	}
 	queue_still_works(f);
@@ -146,7 +147,7 @@ static void direct_io_at_the_reported_alignment_works(void **state)
 	back = fx_buf(f, BLK);
 	/* Offset and length exactly request-alignment, buffer exactly buf-alignment (not page) aligned. */
 	fill_pattern(buf + f->buf_align, (size_t)f->req_align, (uint64_t)f->req_align, 9);
-	vdiskq_write(f->q, (uint64_t)f->req_align, buf + f->buf_align, (size_t)f->req_align, (void *)1, 0);
+	assert_int_equal(vdiskq_write(f->q, (uint64_t)f->req_align, buf + f->buf_align, (size_t)f->req_align, (void *)1, 0), 0);
 	assert_int_equal(wait_one(f->q, (void *)1, NULL), 0);
 	if (f->cfg->file) {
 		pread_file(f->path, back, (size_t)f->req_align, (uint64_t)f->req_align);
@@ -160,17 +161,17 @@ static void unsupported_flags_are_einval(void **state)
 	unsigned char *buf = fx_buf(f, BLK);
 
 	fx_open(f, 0);
-	vdiskq_read(f->q, 0, buf, BLK, (void *)1, VDISK_REQ_FUA);
+	assert_int_equal(vdiskq_read(f->q, 0, buf, BLK, (void *)1, VDISK_REQ_FUA), 0);
 	expect_fail(f, (void *)1, -EINVAL, "flags");
-	vdiskq_write(f->q, 0, buf, BLK, (void *)2, VDISK_REQ_NO_UNMAP);
+	assert_int_equal(vdiskq_write(f->q, 0, buf, BLK, (void *)2, VDISK_REQ_NO_UNMAP), 0);
 	expect_fail(f, (void *)2, -EINVAL, "flags");
-	vdiskq_write(f->q, 0, buf, BLK, (void *)3, 1u << 30);
+	assert_int_equal(vdiskq_write(f->q, 0, buf, BLK, (void *)3, 1u << 30), 0);
 	expect_fail(f, (void *)3, -EINVAL, "flags");
-	vdiskq_discard(f->q, 0, BLK, (void *)4, VDISK_REQ_NO_FALLBACK);
+	assert_int_equal(vdiskq_discard(f->q, 0, BLK, (void *)4, VDISK_REQ_NO_FALLBACK), 0);
 	expect_fail(f, (void *)4, -EINVAL, "flags");
-	vdiskq_flush(f->q, (void *)5, VDISK_REQ_FUA);
+	assert_int_equal(vdiskq_flush(f->q, (void *)5, VDISK_REQ_FUA), 0);
 	expect_fail(f, (void *)5, -EINVAL, "flags");
-	vdiskq_write_zeroes(f->q, 0, BLK, (void *)6, 1u << 31);
+	assert_int_equal(vdiskq_write_zeroes(f->q, 0, BLK, (void *)6, 1u << 31), 0);
 	expect_fail(f, (void *)6, -EINVAL, "flags");
 	queue_still_works(f);
 }
@@ -198,13 +199,13 @@ static void too_many_segments_is_einval(void **state)
 		iov[i].iov_base = buf + (size_t)i * seg;
 		iov[i].iov_len = seg;
 	}
-	vdiskq_readv(f->q, 0, iov, max_seg + 1, (void *)1, 0);
+	assert_int_equal(vdiskq_readv(f->q, 0, iov, max_seg + 1, (void *)1, 0), 0);
 	expect_fail(f, (void *)1, -EINVAL, "segments");
-	vdiskq_readv(f->q, 0, iov, -1, (void *)2, 0);
+	assert_int_equal(vdiskq_readv(f->q, 0, iov, -1, (void *)2, 0), 0);
 	expect_fail(f, (void *)2, -EINVAL, NULL);
 	/* Exactly max-segments is fine (when the total is aligned). */
 	if (((size_t)max_seg * seg) % (size_t)f->req_align == 0 && (uint64_t)max_seg * seg <= f->capacity) {
-		vdiskq_readv(f->q, 0, iov, max_seg, (void *)3, 0);
+		assert_int_equal(vdiskq_readv(f->q, 0, iov, max_seg, (void *)3, 0), 0);
 		assert_int_equal(wait_one(f->q, (void *)3, NULL), 0);
 	}
 	free(iov);
@@ -219,10 +220,10 @@ static void rejected_and_valid_requests_mixed_in_one_batch(void **state)
 	int seen = 0;
 
 	fx_open(f, 0);
-	vdiskq_read(f->q, 0, buf, BLK, (void *)1, 0);
-	vdiskq_read(f->q, f->capacity, buf + BLK, BLK, (void *)2, 0);
-	vdiskq_read(f->q, BLK, buf + 2 * BLK, BLK, (void *)3, 0);
-	vdiskq_write(f->q, 0, buf + 3 * BLK, BLK, (void *)4, VDISK_REQ_NO_UNMAP);
+	assert_int_equal(vdiskq_read(f->q, 0, buf, BLK, (void *)1, 0), 0);
+	assert_int_equal(vdiskq_read(f->q, f->capacity, buf + BLK, BLK, (void *)2, 0), 0);
+	assert_int_equal(vdiskq_read(f->q, BLK, buf + 2 * BLK, BLK, (void *)3, 0), 0);
+	assert_int_equal(vdiskq_write(f->q, 0, buf + 3 * BLK, BLK, (void *)4, VDISK_REQ_NO_UNMAP), 0);
 	for (int got = 0; got < 4;) {
 		int n = vdiskq_do_io(f->q, c, 1, 8, &t);
 
@@ -244,12 +245,29 @@ static void rejected_and_valid_requests_mixed_in_one_batch(void **state)
 	}
 }
 
+/* Only a NULL queue is refused at enqueue time (no completion follows). */
+static void null_queue_is_einval_at_enqueue(void **state)
+{
+	char buf[512];
+	struct iovec iov = { buf, sizeof(buf) };
+
+	assert_int_equal(vdiskq_read(NULL, 0, buf, sizeof(buf), NULL, 0), -EINVAL);
+	assert_int_equal(vdiskq_write(NULL, 0, buf, sizeof(buf), NULL, 0), -EINVAL);
+	assert_int_equal(vdiskq_readv(NULL, 0, &iov, 1, NULL, 0), -EINVAL);
+	assert_int_equal(vdiskq_writev(NULL, 0, &iov, 1, NULL, 0), -EINVAL);
+	assert_int_equal(vdiskq_flush(NULL, NULL, 0), -EINVAL);
+	assert_int_equal(vdiskq_discard(NULL, 0, 512, NULL, 0), -EINVAL);
+	assert_int_equal(vdiskq_write_zeroes(NULL, 0, 512, NULL, 0), -EINVAL);
+}
+
 int main(void)
 {
 	struct CMUnitTest tests[128];
 	size_t n = 0;
 
 	memset(tests, 0, sizeof(tests));
+	tests[n++] = (struct CMUnitTest){ strdup("null_queue_is_einval_at_enqueue"), null_queue_is_einval_at_enqueue, NULL,
+					  NULL, (void *)1 };
 	ADD_CFG_TESTS(tests, n, past_capacity_is_einval, true);
 	ADD_CFG_TESTS(tests, n, write_on_read_only_is_ebadf, true);
 	ADD_CFG_TESTS(tests, n, unsupported_flags_are_einval, true);
