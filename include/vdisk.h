@@ -154,7 +154,7 @@ const char *const *vdisk_list_properties(struct vdisk *v);
 /*
  * Allocate len bytes (rounded up to mem-region-alignment) of memfd-backed,
  * suitably aligned memory.  Allowed once connected.
- * Returns 0, -EINVAL, -ENOMEM.
+ * Returns 0, -EINVAL, -EBUSY (not connected yet), -ENOMEM.
  */
 int vdisk_alloc_mem_region(struct vdisk *v, struct vdisk_mem_region *region, size_t len);
 /* Free a region from vdisk_alloc_mem_region() (unmapping it first if mapped). */

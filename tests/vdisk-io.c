@@ -395,6 +395,16 @@ static bool drain(struct ctx *c, int n, const char *what, uint64_t offset)
 	return ok;
 }
 
+/* An enqueue function's result: 0, or no completion will follow. */
+static bool enqueued(int ret, const char *what)
+{
+	if (ret < 0) {
+		fail("%s: could not enqueue: %s (%s)", what, vdisk_get_error_msg(), strerror(-ret));
+		return false;
+	}
+	return true;
+}
+
 static bool read_source_file(const char *path, unsigned char *data, size_t len)
 {
 	FILE *f = fopen(path, "rb");
@@ -485,6 +495,7 @@ static void cmd_rw(struct ctx *c, bool write, bool dump, const struct cmd_opts *
 	unsigned char *data = NULL;
 	struct layout l;
 	struct buf b;
+	int ret;
 
 	if (!check_len(o->num[1]))
 		return;
@@ -514,16 +525,16 @@ static void cmd_rw(struct ctx *c, bool write, bool dump, const struct cmd_opts *
 
 	if (l.n == 1 && !o->vectored) {
 		if (write)
-			vdiskq_write(c->q, off, l.iov[0].iov_base, len, (void *)1, o->fua ? VDISK_REQ_FUA : 0);
+			ret = vdiskq_write(c->q, off, l.iov[0].iov_base, len, (void *)1, o->fua ? VDISK_REQ_FUA : 0);
 		else
-			vdiskq_read(c->q, off, l.iov[0].iov_base, len, (void *)1, 0);
+			ret = vdiskq_read(c->q, off, l.iov[0].iov_base, len, (void *)1, 0);
 	} else {
 		if (write)
-			vdiskq_writev(c->q, off, l.iov, l.n, (void *)1, o->fua ? VDISK_REQ_FUA : 0);
+			ret = vdiskq_writev(c->q, off, l.iov, l.n, (void *)1, o->fua ? VDISK_REQ_FUA : 0);
 		else
-			vdiskq_readv(c->q, off, l.iov, l.n, (void *)1, 0);
+			ret = vdiskq_readv(c->q, off, l.iov, l.n, (void *)1, 0);
 	}
-	if (!drain(c, 1, write ? "write" : "read", off))
+	if (!enqueued(ret, write ? "write" : "read") || !drain(c, 1, write ? "write" : "read", off))
 		goto out;
 	if (!layout_gaps_intact(&l, poison)) {
 		fail("%s: the driver touched memory outside the iovecs", write ? "write" : "read");
@@ -591,10 +602,16 @@ static void cmd_aio(struct ctx *c, bool write, const struct cmd_opts *o)
 	base = b.r.addr;
 	memset(base, write ? o->pattern : (unsigned char)(o->pattern ^ 0xff), write ? len : len * count);
 	for (uint64_t i = 0; i < count; i++) {
-		if (write)
-			vdiskq_write(c->q, off + i * len, base, len, (void *)(uintptr_t)(i + 1), 0);
-		else
-			vdiskq_read(c->q, off + i * len, base + i * len, len, (void *)(uintptr_t)(i + 1), 0);
+		int ret = write ? vdiskq_write(c->q, off + i * len, base, len, (void *)(uintptr_t)(i + 1), 0)
+				: vdiskq_read(c->q, off + i * len, base + i * len, len, (void *)(uintptr_t)(i + 1), 0);
+
+		if (!enqueued(ret, write ? "aio-write" : "aio-read")) {
+			/* The ones already enqueued still complete: collect them before freeing the buffer. */
+			if (i > 0)
+				drain(c, (int)i, write ? "aio-write" : "aio-read", off);
+			buf_free(c, &b);
+			return;
+		}
 	}
 	if (drain(c, (int)count, write ? "aio-write" : "aio-read", off)) {
 		if (!write) {
@@ -710,20 +727,19 @@ static void run_command(struct ctx *c, const struct parsed_cmd *pc)
 	case C_READ: cmd_rw(c, false, false, o); break;
 	case C_DUMP: cmd_rw(c, false, true, o); break;
 	case C_FLUSH:
-		vdiskq_flush(c->q, (void *)1, 0);
-		if (drain(c, 1, "flush", 0))
+		if (enqueued(vdiskq_flush(c->q, (void *)1, 0), "flush") && drain(c, 1, "flush", 0))
 			printf("flushed\n");
 		break;
 	case C_DISCARD:
-		vdiskq_discard(c->q, o->num[0], o->num[1], (void *)1, 0);
-		if (drain(c, 1, "discard", o->num[0]))
+		if (enqueued(vdiskq_discard(c->q, o->num[0], o->num[1], (void *)1, 0), "discard") &&
+		    drain(c, 1, "discard", o->num[0]))
 			printf("discarded %" PRIu64 " bytes at offset %" PRIu64 "\n", o->num[1], o->num[0]);
 		break;
 	case C_ZERO:
 		flags = (o->no_unmap ? VDISK_REQ_NO_UNMAP : 0) | (o->no_fallback ? VDISK_REQ_NO_FALLBACK : 0) |
 			(o->fua ? VDISK_REQ_FUA : 0);
-		vdiskq_write_zeroes(c->q, o->num[0], o->num[1], (void *)1, flags);
-		if (drain(c, 1, "write-zeroes", o->num[0]))
+		if (enqueued(vdiskq_write_zeroes(c->q, o->num[0], o->num[1], (void *)1, flags), "write-zeroes") &&
+		    drain(c, 1, "write-zeroes", o->num[0]))
 			printf("zeroed %" PRIu64 " bytes at offset %" PRIu64 "\n", o->num[1], o->num[0]);
 		break;
 	case C_AIO_WRITE: cmd_aio(c, true, o); break;
