@@ -232,6 +232,7 @@ extern const struct vd_driver vd_driver_threads;
 extern const struct vd_driver vd_driver_sync;
 extern const struct vd_driver vd_driver_null;
 extern const struct vd_driver vd_driver_nbd;
+extern const struct vd_driver vd_driver_virtio_blk_vhost_user;
 
 static inline void *vd_priv(struct vdisk *v)
 {

@@ -10,7 +10,7 @@
 static const struct vd_driver *const drivers[] = {
 	&vd_driver_io_uring, &vd_driver_linux_aio, &vd_driver_posix_aio,
 	&vd_driver_threads,  &vd_driver_sync,      &vd_driver_null,
-	&vd_driver_nbd,
+	&vd_driver_nbd,      &vd_driver_virtio_blk_vhost_user,
 };
 #define N_DRIVERS (sizeof(drivers) / sizeof(drivers[0]))
 
