@@ -135,6 +135,8 @@ struct worker {
 struct brun {
 	const struct bench_opts *o;
 	struct vd_bnode *bs;
+	struct vd_bnode *leaf; /* the protocol node at the bottom of bs's file chain */
+	struct vd_bnode leaf_at_start; /* its counters when the clock started */
 	uint64_t size;    /* bytes of the node in use */
 	uint64_t nblocks; /* size / bs */
 	uint64_t stride;
@@ -300,6 +302,8 @@ static int open_node(struct brun *r, struct bench_result *res)
 		return vd_bench_fail(res, "%s", vdisk_get_error_msg());
 	res->format = r->bs->fmt->name;
 	res->direct = mode.direct;
+	for (r->leaf = r->bs; r->leaf->file; r->leaf = r->leaf->file)
+		;
 	return 0;
 }
 
@@ -360,11 +364,29 @@ static int64_t measured_window(const struct brun *r)
 	return r->end - r->measure_start;
 }
 
+/*
+ * What the format made of the requests: the protocol node's requests over
+ * the run (a qcow2 write that allocates shows up as several writes and
+ * maybe flushes; raw as one each).
+ */
+static void file_ops(const struct brun *r, struct bench_result *res)
+{
+	const struct vd_bnode *now = r->leaf, *then = &r->leaf_at_start;
+
+	res->have_file_ops = true;
+	res->file_rd_ops = now->rd_ops - then->rd_ops;
+	res->file_wr_ops = now->wr_ops - then->wr_ops;
+	res->file_flush_ops = now->flush_ops - then->flush_ops;
+	res->file_rd_bytes = now->rd_bytes - then->rd_bytes;
+	res->file_wr_bytes = now->wr_bytes - then->wr_bytes;
+}
+
 static void run_measure(struct brun *r, struct bench_result *res)
 {
 	const struct bench_opts *o = r->o;
 	struct vd_loop *l = vd_loop_get();
 
+	r->leaf_at_start = *r->leaf;
 	r->t0 = vd_bench_now_ns();
 	r->measure_start = r->t0 + (int64_t)o->ramp_ns;
 	r->end = r->measure_start + bench_time_limit_ns(o);
@@ -381,6 +403,7 @@ static void run_measure(struct brun *r, struct bench_result *res)
 		vd_co_enter(r->workers[i].co);
 	vd_loop_run_until(l, &r->done);
 	cpu_sample(&r->cpu_end_ns, &r->cpu_end_us);
+	file_ops(r, res);
 	if (r->progress)
 		fputs("\r\033[K", stderr);
 	res->interrupted = r->interrupted;

@@ -1623,6 +1623,11 @@ static void json_result(FILE *f, const struct bench_opts *o, const char *driver,
 		",\"lat_ns\":{\"mean\":%.1f,\"min\":%" PRIu64 ",\"max\":%" PRIu64 ",\"p50\":%" PRIu64
 		",\"p99\":%" PRIu64 ",\"p999\":%" PRIu64 "}",
 		r->lat_mean_ns, r->lat_min_ns, r->lat_max_ns, r->p50_ns, r->p99_ns, r->p999_ns);
+	if (r->have_file_ops)
+		fprintf(f,
+			",\"file_ops\":{\"read\":%" PRIu64 ",\"write\":%" PRIu64 ",\"flush\":%" PRIu64
+			",\"read_bytes\":%" PRIu64 ",\"write_bytes\":%" PRIu64 "}",
+			r->file_rd_ops, r->file_wr_ops, r->file_flush_ops, r->file_rd_bytes, r->file_wr_bytes);
 	fprintf(f, ",\"cpu\":%.1f}", r->cpu);
 }
 
@@ -1668,6 +1673,9 @@ static void print_summary(const struct bench_opts *o, const char *driver, const 
 	printf("  ios      : %" PRIu64 " in %.3f s%s\n", r->ios, (double)r->runtime_ns / NS_PER_S,
 	       r->interrupted ? " (interrupted)" : "");
 	printf("  cpu      : %.1f%% (user+sys of all threads over wall time)\n", r->cpu);
+	if (r->have_file_ops)
+		printf("  file I/O : %" PRIu64 " reads, %" PRIu64 " writes, %" PRIu64 " flushes on the protocol node\n",
+		       r->file_rd_ops, r->file_wr_ops, r->file_flush_ops);
 }
 
 static void print_table(const struct bench_opts *o, const struct bench_result *res)

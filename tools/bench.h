@@ -112,6 +112,9 @@ struct bench_result {
 	const char *format; /* static string (the format's name) */
 	const char *driver; /* libvdisk driver of the file node */
 	bool direct;
+	/* Block layer: requests the protocol (file) node saw during the run. */
+	bool have_file_ops;
+	uint64_t file_rd_ops, file_wr_ops, file_flush_ops, file_rd_bytes, file_wr_bytes;
 };
 
 /* Record a failure in res (EXIT_RUNTIME); returns -1. */
