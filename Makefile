@@ -34,7 +34,7 @@ check-unit: all
 	meson test -C $(BUILD) --print-errorlogs
 
 check-integration: all
-	@set -e; for d in $(PYTEST_DIRS); do echo "== pytest $$d"; \
+	@set -e; for d in $(PYTEST_DIRS) $(wildcard tests/vm); do echo "== pytest $$d"; \
 		VDISK_BUILD=$(CURDIR)/$(BUILD) $(PYTEST) $$d; done
 
 check-asan: $(ASAN_BUILD)/build.ninja
