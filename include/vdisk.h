@@ -74,7 +74,7 @@ struct vdisk_mem_region {
 
 /*
  * Create an instance of the named driver ("io_uring", "linux-aio",
- * "posix-aio", "threads", "sync", "null", "nbd").
+ * "posix-aio", "threads", "sync", "null", "nbd", "virtio-blk-vhost-user").
  * Returns 0, -ENOENT (unknown driver), -ENOMEM.
  */
 int vdisk_create(const char *driver, struct vdisk **out);
@@ -161,7 +161,8 @@ int vdisk_alloc_mem_region(struct vdisk *v, struct vdisk_mem_region *region, siz
 void vdisk_free_mem_region(struct vdisk *v, struct vdisk_mem_region *region);
 /*
  * Make a region known to the driver (e.g. io_uring registered buffers).
- * Must not race with I/O on that region.  Returns 0, -EINVAL (misaligned, or
+ * Call from the configuring thread only (not concurrently with another
+ * map/unmap); must not race with I/O on that region.  Returns 0, -EINVAL (misaligned, or
  * overlapping a mapped region), -ENOSPC (max-mem-regions reached), -EBUSY.
  */
 int vdisk_map_mem_region(struct vdisk *v, const struct vdisk_mem_region *region);

@@ -1,0 +1,249 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""
+Fixtures for the virtio-blk-vhost-user driver tests: qemu-storage-daemon
+exporting block nodes over vhost-user-blk on sockets in the test's tmp dir,
+the build's vdisk-io and vdisk, and vu-client (a small client built here
+from vu-client.c for what vdisk-io cannot do: deep queues with a checkable
+pattern, several queues in threads, the completion fd, timeouts, memory
+regions, I/O while the back-end dies).
+
+Run:
+
+    VDISK_BUILD=/tmp/build-vu pytest-3 -v tests/vhost-user
+
+VDISK_BUILD defaults to <repo>/build.  A sanitizer build works the same way
+(vu-client is then compiled with the same -fsanitize flags).  Without
+qemu-storage-daemon (Debian: qemu-system-common) every test is skipped.
+Every subprocess runs under a timeout, so a hang fails the test instead of
+blocking the run.
+"""
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD = Path(os.environ.get("VDISK_BUILD", REPO / "build")).resolve()
+TIMEOUT = 60
+DRIVER = "virtio-blk-vhost-user"
+MiB = 1 << 20
+
+
+def _find(name):
+    for cand in (BUILD / "tests" / "unit" / name, BUILD / "tests" / name, BUILD / "tools" / name, BUILD / name):
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def _sanitize_flags():
+    ninja = BUILD / "build.ninja"
+    if not ninja.exists():
+        return []
+    text = ninja.read_text(errors="replace")
+    flags = []
+    if "-fsanitize=address" in text:
+        flags.append("address")
+    if "-fsanitize=undefined" in text or "address,undefined" in text:
+        flags.append("undefined")
+    return ["-fsanitize=" + ",".join(flags)] if flags else []
+
+
+def requires(*tools):
+    missing = [t for t in tools if shutil.which(t) is None]
+    return pytest.mark.skipif(bool(missing), reason="missing " + ", ".join(missing))
+
+
+def check_sanitizers(args, stderr):
+    """Fail on any ASan/UBSan/LSan report (sanitizer builds only print them)."""
+    if not stderr:
+        return
+    for marker in ("runtime error:", "ERROR: AddressSanitizer", "ERROR: LeakSanitizer"):
+        if marker in stderr:
+            raise AssertionError(f"sanitizer report from {args}:\n{stderr}")
+
+
+def run(args, timeout=TIMEOUT, check=None, **kw):
+    """Run a command; check=0/1/...: expected exit status.  Sanitizer reports fail."""
+    try:
+        p = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                           errors="replace", **kw)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"HANG: {args} did not finish in {timeout} s\n{e.stdout}\n{e.stderr}")
+    check_sanitizers(args, p.stderr)
+    if check is not None:
+        assert p.returncode == check, f"{args}: exit {p.returncode}, expected {check}\n" \
+                                      f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    return p
+
+
+class Backend:
+    """A qemu-storage-daemon exporting one node over vhost-user-blk; only it is stopped at teardown."""
+
+    def __init__(self, sock, blockdev, export_opts, pre=()):
+        self.sock = str(sock)
+        self.argv = ["qemu-storage-daemon", *pre, "--blockdev", blockdev,
+                     "--export", f"type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock}"
+                     + (f",{export_opts}" if export_opts else "")]
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True)
+        end = time.monotonic() + 15
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.argv} exited: {self.proc.stderr.read().decode(errors='replace')}")
+            if time.monotonic() > end:
+                raise RuntimeError(f"{self.argv} did not become ready")
+            time.sleep(0.02)
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=10)
+
+    def stop(self):
+        """Stop; returns what the daemon printed on stderr."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        return self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+
+    @property
+    def alive(self):
+        return self.proc.poll() is None
+
+
+@pytest.fixture
+def qsd(tmp_path):
+    """qsd(image=None, size=..., writable=True, num_queues=1, null=False, opts="", blockdev_opts="",
+    iops=None) -> Backend.  image: a raw file (node driver=file); null: a null-co node;
+    iops: a throttle filter on top (so requests complete slowly)."""
+    if shutil.which("qemu-storage-daemon") is None:
+        pytest.skip("qemu-storage-daemon not installed (Debian package qemu-system-common)")
+    started = []
+
+    def start(image=None, size=256 * MiB, writable=True, num_queues=1, null=False, opts="", blockdev_opts="",
+              iops=None):
+        sock = tmp_path / f"vu{len(started)}.sock"
+        name = "p0" if iops else "n0"
+        if null:
+            bd = f"driver=null-co,node-name={name},size={size},read-zeroes=on"
+        else:
+            bd = f"driver=file,node-name={name},filename={image}"
+        if blockdev_opts:
+            bd += "," + blockdev_opts
+        pre = []
+        if iops:
+            pre = ["--object", f"throttle-group,id=tg0,x-iops-total={iops}", "--blockdev", bd]
+            bd = "driver=throttle,node-name=n0,throttle-group=tg0,file=p0"
+        eo = f"writable={'on' if writable else 'off'},num-queues={num_queues}"
+        if opts:
+            eo += "," + opts
+        b = Backend(sock, bd, eo, pre)
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        err = b.stop()
+        # The back-end must never see a protocol error from us.
+        assert "vu_panic" not in err, f"qemu-storage-daemon complained:\n{err}"
+
+
+@pytest.fixture
+def image(tmp_path):
+    """image(size, name='disk.raw') -> Path of a sparse raw file."""
+    def make(size=256 * MiB, name="disk.raw"):
+        p = tmp_path / name
+        with open(p, "wb") as f:
+            f.truncate(size)
+        return p
+    return make
+
+
+@pytest.fixture(scope="session")
+def vdisk_io():
+    exe = _find("vdisk-io")
+    if exe is None:
+        pytest.skip(f"vdisk-io not built in {BUILD} (set VDISK_BUILD)")
+    return exe
+
+
+@pytest.fixture(scope="session")
+def vdisk_tool():
+    exe = BUILD / "tools" / "vdisk"
+    if not exe.exists():
+        pytest.skip(f"vdisk not built in {BUILD}")
+    return exe
+
+
+@pytest.fixture(scope="session")
+def vu_client(tmp_path_factory):
+    lib = BUILD / "libvdisk.so"
+    if not lib.exists():
+        pytest.skip(f"libvdisk.so not built in {BUILD} (set VDISK_BUILD)")
+    out = tmp_path_factory.mktemp("bin") / "vu-client"
+    cmd = ["cc", "-std=gnu11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", *_sanitize_flags(),
+           "-I", str(REPO / "include"), str(Path(__file__).with_name("vu-client.c")),
+           "-o", str(out), "-L", str(BUILD), "-lvdisk", f"-Wl,-rpath,{BUILD}", "-lpthread"]
+    subprocess.run(cmd, check=True, timeout=TIMEOUT)
+    return out
+
+
+@pytest.fixture
+def io(vdisk_io):
+    """io(backend, *commands, check=0, extra=(), map=True) -> CompletedProcess of vdisk-io."""
+    def go(backend, *cmds, check=0, extra=(), map=True, timeout=TIMEOUT):
+        args = [vdisk_io, f"--driver={DRIVER}", f"--path={backend.sock}", *(["--map"] if map else []), *extra]
+        for c in cmds:
+            args += ["-c", c]
+        return run(args, check=check, timeout=timeout)
+    return go
+
+
+@pytest.fixture
+def client(vu_client):
+    """client(backend, *args, check=0) -> CompletedProcess of vu-client."""
+    def go(backend, *args, check=0, timeout=TIMEOUT, **kw):
+        return run([vu_client, "--path", backend.sock, *args], check=check, timeout=timeout, **kw)
+    return go
+
+
+def info(p):
+    """Parse vdisk-io 'info' output into a dict."""
+    return dict(l.split("=", 1) for l in p.stdout.splitlines() if "=" in l)
+
+
+def pattern(off, length, seed):
+    """The bytes vu-client writes: each 512-byte sector holds 32 x (u64 sector, u64 seed)."""
+    assert off % 512 == 0 and length % 512 == 0
+    return b"".join(struct.pack("<QQ", s, seed) * 32 for s in range(off // 512, (off + length) // 512))
+
+
+def allocated(path, off, length):
+    """Bytes of [off, off+length) that are allocated in the file (SEEK_DATA/SEEK_HOLE)."""
+    total = 0
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        pos, end = off, off + length
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            if data >= end:
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            total += min(hole, end) - data
+            pos = hole
+    return total
+
