@@ -90,7 +90,9 @@ def test_two_queues_backend_killed(qsd, image, vu_client):
         c.kill()
         raise AssertionError("HANG: a queue thread did not notice the back-end dying")
     check_sanitizers("vu-client multiq", err)
-    assert c.returncode == 1 and "disconnected" in err
+    # Under a slow (sanitizer) build the kill may land while the queues are
+    # still being set up: that is a clean start failure, also acceptable.
+    assert c.returncode == 1 and ("disconnected" in err or "closed the connection" in err), err
 
 
 def test_start_fails_cleanly_on_dead_backend(qsd, image, vu_client):
