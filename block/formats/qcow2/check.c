@@ -634,9 +634,11 @@ int qcow2_check_locked(struct qcow2_state *s, struct vd_check_result *res, int f
 		ret = qcow2_write_incompat(s);
 	}
 	/* A dirty image whose refcounts were just made consistent is clean. */
-	if (fix && ret == 0 && !res->corruptions && !res->check_errors &&
-	    (s->incompatible_features & QCOW2_INCOMPAT_DIRTY))
-		ret = qcow2_mark_clean(s);
+	if (fix && ret == 0 && !res->corruptions && !res->check_errors) {
+		s->needs_repair = false;
+		if (s->incompatible_features & QCOW2_INCOMPAT_DIRTY)
+			ret = qcow2_mark_clean(s);
+	}
 out:
 	free(t.r);
 	return ret;

@@ -70,7 +70,7 @@ static int parse_create_opts(const struct vd_create_opts *o, struct create_param
 				return vd_error(ENOTSUP, "qcow2: encryption is not supported");
 			}
 			if (!strcmp(key, "data_file") || !strcmp(key, "data_file_raw"))
-				return vd_error(ENOTSUP, "qcow2: external data files are not supported");
+				return vd_error(ENOTSUP, "qcow2: external data files (data_file) are not supported");
 			if (!ok)
 				return vd_error(EINVAL, "qcow2: unknown create option '%s'", key);
 		}
@@ -87,7 +87,7 @@ static int parse_create_opts(const struct vd_create_opts *o, struct create_param
 	if (ret < 0)
 		return vd_error(EINVAL, "qcow2: extended_l2 must be on or off");
 	p->extl2 = b;
-	ret = vd_opt_u64(opts, "cluster_size", p->extl2 ? 131072 : 65536, &cluster_size);
+	ret = vd_opt_u64(opts, "cluster_size", 65536, &cluster_size);
 	if (ret < 0 || log2_exact(cluster_size, &p->cluster_bits) < 0 || p->cluster_bits < QCOW2_MIN_CLUSTER_BITS ||
 	    p->cluster_bits > QCOW2_MAX_CLUSTER_BITS)
 		return vd_error(EINVAL, "qcow2: cluster_size must be a power of two between 512 and 2M");
@@ -311,15 +311,38 @@ int qcow2_create(const struct vd_create_opts *o)
  * Preallocation
  * ------------------------------------------------------------------------- */
 
+/* Zeroes into host [off, off+len): real zero writes ("full") or allocated zero ranges ("falloc"/reuse). */
+static int zero_host(struct qcow2_state *s, uint64_t off, uint64_t len, bool full)
+{
+	size_t bl = len < (1u << 20) ? (size_t)len : (1u << 20);
+	uint8_t *zeros;
+	int ret;
+
+	if (!full) {
+		ret = vd_bnode_co_pwrite_zeroes(s->bs->file, off, len, 0);
+		if (ret != -ENOTSUP && ret != -EINVAL)
+			return ret;
+	}
+	zeros = vd_blk_alloc(bl);
+	if (!zeros)
+		return vd_error(ENOMEM, "qcow2: out of memory");
+	memset(zeros, 0, bl);
+	ret = 0;
+	for (uint64_t z = 0; ret == 0 && z < len; z += bl)
+		ret = qcow2_file_pwrite(s, off + z, zeros, len - z < bl ? (size_t)(len - z) : bl);
+	vd_blk_free(zeros);
+	return ret;
+}
+
 int qcow2_preallocate(struct qcow2_state *s, uint64_t start, uint64_t end, const char *mode)
 {
 	uint64_t c = start >> s->cluster_bits, cend = (end + s->cluster_size - 1) >> s->cluster_bits;
-	uint64_t max_host = 0, old_file_end = s->bs->file->size > s->host_end ? s->bs->file->size : s->host_end;
-	uint8_t *zeros = NULL;
+	uint64_t old_file_end = s->bs->file->size > s->host_end ? s->bs->file->size : s->host_end;
+	bool data = strcmp(mode, "metadata") != 0;
 	int ret = 0;
 
 	while (c < cend) {
-		uint64_t off = c << s->cluster_bits, k = 0;
+		uint64_t off = c << s->cluster_bits, k = 0, bytes;
 		uint32_t idx = qcow2_l2_index(s, off);
 		uint8_t *l2;
 		int64_t host;
@@ -344,53 +367,29 @@ int qcow2_preallocate(struct qcow2_state *s, uint64_t start, uint64_t end, const
 			ret = (int)host;
 			break;
 		}
-		/* Reused clusters may hold old data: the preallocated range must read as zeroes. */
-		if ((uint64_t)host < old_file_end) {
-			uint64_t zl = (uint64_t)host + (k << s->cluster_bits) < old_file_end
-					      ? k << s->cluster_bits
-					      : old_file_end - (uint64_t)host;
-			ret = vd_bnode_co_pwrite_zeroes(s->bs->file, (uint64_t)host, zl, 0);
-			if (ret < 0) {
-				/* Fall back to plain zero buffers. */
-				if (!zeros)
-					zeros = vd_blk_alloc(s->cluster_size);
-				ret = zeros ? 0 : -ENOMEM;
-				if (zeros)
-					memset(zeros, 0, s->cluster_size);
-				for (uint64_t z = 0; ret == 0 && z < zl; z += s->cluster_size)
-					ret = qcow2_file_pwrite(s, (uint64_t)host + z, zeros,
-								zl - z < s->cluster_size ? zl - z : s->cluster_size);
-			}
-			if (ret < 0) {
-				qcow2_cache_put(&s->l2_cache, l2);
-				break;
-			}
+		bytes = k << s->cluster_bits;
+		if (data) {
+			/* falloc / full: the host space is really allocated (and for full, written). */
+			ret = zero_host(s, (uint64_t)host, bytes, !strcmp(mode, "full"));
+		} else if ((uint64_t)host < old_file_end) {
+			/* Reused clusters may hold old data: the preallocated range must read as zeroes. */
+			uint64_t zl = (uint64_t)host + bytes < old_file_end ? bytes : old_file_end - (uint64_t)host;
+			ret = zero_host(s, (uint64_t)host, zl, false);
 		}
-		ret = qcow2_l2_after_alloc(s);
+		if (ret == 0)
+			ret = qcow2_l2_after_alloc(s);
 		if (ret < 0) {
 			qcow2_cache_put(&s->l2_cache, l2);
 			break;
 		}
-		for (uint64_t i = 0; i < k; i++) {
-			uint64_t e = qcow2_l2_entry(s, l2, idx + (uint32_t)i);
-			uint64_t bm = qcow2_l2_bitmap(s, l2, idx + (uint32_t)i);
-			(void)e;
-			(void)bm;
+		for (uint64_t i = 0; i < k; i++)
 			qcow2_l2_set(s, l2, idx + (uint32_t)i, ((uint64_t)host + (i << s->cluster_bits)) | QCOW2_OFLAG_COPIED,
 				     s->extl2 ? L2_BITMAP_ALL_ALLOC : 0);
-		}
 		qcow2_cache_mark_dirty(&s->l2_cache, l2);
 		qcow2_cache_put(&s->l2_cache, l2);
-		if ((uint64_t)host + (k << s->cluster_bits) > max_host)
-			max_host = (uint64_t)host + (k << s->cluster_bits);
+		if ((uint64_t)host + bytes > s->host_end)
+			s->host_end = (uint64_t)host + bytes; /* the file covers the clusters: do not trim them away */
 		c += k;
-	}
-	vd_blk_free(zeros);
-	if (ret == 0 && max_host > s->bs->file->size) {
-		/* Make the file cover the new clusters (and allocate them for falloc/full). */
-		ret = vd_bnode_co_truncate(s->bs->file, max_host, false, strcmp(mode, "metadata") ? mode : "off");
-		if (ret == 0 && max_host > s->host_end)
-			s->host_end = max_host;
 	}
 	if (ret == 0)
 		ret = qcow2_flush_metadata(s);

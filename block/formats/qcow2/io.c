@@ -286,6 +286,12 @@ static int write_in_place(struct qcow2_state *s, uint64_t off, uint64_t len, str
 	/* Registered before any yield: a concurrent free cannot hand these clusters out meanwhile. */
 	qcow2_host_io_begin(s, &io, r.host, r.bytes);
 	ret = qcow2_overlap_check(s, 0, r.host, r.bytes);
+	if (ret == 0 && r.host + r.bytes > s->bs->file->size) {
+		/* A cluster another writer left partly past the end of the file. */
+		vd_co_mutex_lock(&s->lock);
+		ret = qcow2_ensure_file(s, r.host + r.bytes);
+		vd_co_mutex_unlock(&s->lock);
+	}
 	if (ret == 0)
 		ret = write_host(s, r.host, r.bytes, qiov, qoff, flags & VD_BREQ_FUA);
 	qcow2_host_io_end(s, &io);
@@ -410,6 +416,11 @@ again:
 		k = 1;
 		end = cbase + b;
 		host = e0 & L2E_OFFSET_MASK;
+		ret = qcow2_ensure_file(s, host + cs);
+		if (ret < 0) {
+			qcow2_cache_put(&s->l2_cache, l2);
+			goto out_unlock;
+		}
 		if (s->extl2) {
 			uint32_t sa = (uint32_t)(a >> s->sc_bits), sb = (uint32_t)((b - 1) >> s->sc_bits);
 			cow_s = qcow2_sc_type(true, e0, b0, sa) == QCOW2_SC_NORMAL ? a : (uint64_t)sa << s->sc_bits;

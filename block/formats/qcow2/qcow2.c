@@ -281,6 +281,9 @@ void qcow2_ext_info_free(struct qcow2_ext_info *x)
 	free(x->features);
 	x->features = NULL;
 	x->nb_features = 0;
+	free(x->hdr_extra);
+	x->hdr_extra = NULL;
+	x->hdr_extra_len = 0;
 	for (e = x->unknown; e; e = next) {
 		next = e->next;
 		free(e->data);
@@ -300,6 +303,13 @@ int qcow2_parse_extensions(const uint8_t *buf, size_t len, const struct qcow2_he
 	tail = &x->unknown;
 	if (end > len)
 		end = len;
+	if (h->version >= 3 && h->header_length > QCOW2_V3_HEADER_LEN && h->header_length <= len) {
+		x->hdr_extra_len = h->header_length - QCOW2_V3_HEADER_LEN;
+		x->hdr_extra = malloc(x->hdr_extra_len);
+		if (!x->hdr_extra)
+			return vd_error(ENOMEM, "qcow2: out of memory");
+		memcpy(x->hdr_extra, buf + QCOW2_V3_HEADER_LEN, x->hdr_extra_len);
+	}
 	if (h->backing_file_offset && h->backing_file_offset < end)
 		end = h->backing_file_offset;
 	while (off + 8 <= end) {
@@ -413,16 +423,18 @@ static size_t put_ext(uint8_t *buf, size_t off, uint32_t type, const void *data,
 int qcow2_build_header(const struct qcow2_header *h, const struct qcow2_ext_info *x, const char *backing_file,
 		       const char *backing_format, uint8_t *buf, size_t cluster_size)
 {
-	size_t hlen = h->version == 2 ? QCOW2_V2_HEADER_LEN : QCOW2_V3_HEADER_LEN;
+	size_t hlen = h->version == 2 ? QCOW2_V2_HEADER_LEN
+				      : QCOW2_V3_HEADER_LEN + (x && x->hdr_extra ? x->hdr_extra_len : 0);
 	size_t need = hlen + 8, off, blen = backing_file ? strlen(backing_file) : 0;
 	size_t flen = backing_format ? strlen(backing_format) : 0;
 	const struct qcow2_ext *e;
 
+	size_t ftable = 8 + sizeof(known_features) / sizeof(known_features[0]) * 48;
+	bool with_ftable;
+
 	/* Size first so nothing is written past the cluster. */
 	if (flen)
 		need += 8 + ((flen + 7) & ~7U);
-	if (h->version >= 3)
-		need += 8 + sizeof(known_features) / sizeof(known_features[0]) * 48;
 	if (x && x->has_bitmaps)
 		need += 8 + 24;
 	for (e = x ? x->unknown : NULL; e; e = e->next)
@@ -434,6 +446,8 @@ int qcow2_build_header(const struct qcow2_header *h, const struct qcow2_ext_info
 		return vd_error(EINVAL, "qcow2: backing format name too long");
 	if (need > cluster_size)
 		return vd_error(ENOSPC, "qcow2: header, extensions and backing file name do not fit in one cluster");
+	/* The feature name table is optional: left out when it does not fit (512-byte clusters), as qemu-img does. */
+	with_ftable = h->version >= 3 && need + ftable <= cluster_size;
 
 	memset(buf, 0, cluster_size);
 	st_be32(buf + 0, QCOW2_MAGIC);
@@ -454,6 +468,8 @@ int qcow2_build_header(const struct qcow2_header *h, const struct qcow2_ext_info
 		st_be32(buf + 96, h->refcount_order);
 		st_be32(buf + 100, (uint32_t)hlen);
 		buf[104] = h->compression_type;
+		if (x && x->hdr_extra)
+			memcpy(buf + QCOW2_V3_HEADER_LEN, x->hdr_extra, x->hdr_extra_len);
 	}
 	off = hlen;
 	if (flen)
@@ -465,7 +481,7 @@ int qcow2_build_header(const struct qcow2_header *h, const struct qcow2_ext_info
 		st_be64(d + 16, x->bitmap_dir_offset);
 		off = put_ext(buf, off, QCOW2_EXT_BITMAPS, d, 24);
 	}
-	if (h->version >= 3) {
+	if (with_ftable) {
 		size_t n = sizeof(known_features) / sizeof(known_features[0]);
 		st_be32(buf + off, QCOW2_EXT_FEATURE_TABLE);
 		st_be32(buf + off + 4, (uint32_t)(n * 48));
@@ -580,7 +596,9 @@ int qcow2_write_header(struct qcow2_state *s)
 		ret = qcow2_file_flush(s);
 	if (ret == 0) {
 		s->hdr = h;
-		s->header_length = h.version == 2 ? QCOW2_V2_HEADER_LEN : QCOW2_V3_HEADER_LEN;
+		s->header_length = ld_be32(buf + 100);
+		if (h.version == 2)
+			s->header_length = QCOW2_V2_HEADER_LEN;
 	}
 	vd_blk_free(buf);
 	return ret;
@@ -627,6 +645,8 @@ int qcow2_mark_clean(struct qcow2_state *s)
 
 	if (!(s->incompatible_features & QCOW2_INCOMPAT_DIRTY))
 		return 0;
+	if (s->needs_repair)
+		return vd_error(EINVAL, "qcow2: the image is dirty and its refcounts were not repaired (run check -r all)");
 	ret = qcow2_flush_metadata(s);
 	if (ret < 0)
 		return ret;
@@ -960,11 +980,21 @@ static int do_open(void *p)
 		want = 32u << 20;
 	if (want < 2ULL * s->cluster_size)
 		want = 2ULL * s->cluster_size;
+	/* QEMU's options: l2-cache-size, refcount-cache-size, or cache-size for both (3:1). */
+	if (json_object_get(a->opts, "cache-size") && !json_object_get(a->opts, "l2-cache-size")) {
+		uint64_t total;
+		ret = vd_opt_u64(a->opts, "cache-size", 0, &total);
+		if (ret < 0)
+			goto out;
+		want = total / 4 * 3;
+	}
 	ret = vd_opt_u64(a->opts, "l2-cache-size", want, &l2_cache_bytes);
 	if (ret == 0)
-		ret = vd_opt_u64(a->opts, "refcount-cache-size", l2_cache_bytes / 4, &rc_cache_bytes);
-	if (ret < 0)
+		ret = vd_opt_u64(a->opts, "refcount-cache-size", l2_cache_bytes / 3, &rc_cache_bytes);
+	if (ret < 0) {
+		vd_error(EINVAL, "qcow2: invalid cache size option");
 		goto out;
+	}
 	{
 		uint64_t n2 = l2_cache_bytes / s->cluster_size, nr = rc_cache_bytes / s->cluster_size;
 		if (n2 < 2)
@@ -1004,8 +1034,10 @@ static int do_open(void *p)
 	bs->size = s->hdr.size;
 	bs->request_alignment = 1;
 	s->writable = (a->flags & VD_BO_RDWR) && !bs->corrupt;
-	if (s->incompatible_features & QCOW2_INCOMPAT_DIRTY)
+	if (s->incompatible_features & QCOW2_INCOMPAT_DIRTY) {
 		s->dirty_marked = true;
+		s->needs_repair = true; /* until the repair below (or a check -r) has run */
+	}
 
 	if (s->writable) {
 		/* Clear auto-clear bits we do not maintain (bitmaps become inconsistent, as the spec wants). */
@@ -1020,7 +1052,7 @@ static int do_open(void *p)
 			memset(&r, 0, sizeof(r));
 			vd_co_mutex_lock(&s->lock);
 			ret = qcow2_check_locked(s, &r, VD_CHECK_FIX_LEAKS | VD_CHECK_FIX_ERRORS);
-			if (ret == 0 && r.check_errors)
+			if (ret == 0 && (r.check_errors || r.corruptions))
 				ret = -EIO;
 			if (ret == 0)
 				ret = qcow2_mark_clean(s);
@@ -1081,7 +1113,7 @@ static int do_close(void *p)
 	ret = qcow2_flush_metadata(s);
 	if (ret == 0)
 		ret = qcow2_file_flush(s);
-	if (ret == 0 && (s->incompatible_features & QCOW2_INCOMPAT_DIRTY))
+	if (ret == 0 && (s->incompatible_features & QCOW2_INCOMPAT_DIRTY) && !s->needs_repair)
 		ret = qcow2_mark_clean(s);
 	if (ret == 0 && s->file_grown) {
 		/* Give back what we grew the file by in advance. */
@@ -1124,19 +1156,19 @@ static int qcow2_get_info(struct vd_bnode *bs, json_t *info)
 		json_decref(fs);
 		return -ENOMEM;
 	}
+	/* The same keys as qemu-img info: version 2 images have no feature bits to show. */
 	json_object_set_new(data, "compat", json_string(s->version >= 3 ? "1.1" : "0.10"));
-	if (s->version >= 3) {
-		json_object_set_new(data, "compression-type",
-				    json_string(s->compression_type == QCOW2_COMPRESSION_ZSTD ? "zstd" : "zlib"));
-		json_object_set_new(data, "lazy-refcounts", json_boolean(s->compatible_features &
-									  QCOW2_COMPAT_LAZY_REFCOUNTS));
-	} else {
-		json_object_set_new(data, "compression-type", json_string("zlib"));
-	}
+	json_object_set_new(data, "compression-type",
+			    json_string(s->compression_type == QCOW2_COMPRESSION_ZSTD ? "zstd" : "zlib"));
+	if (s->version >= 3)
+		json_object_set_new(data, "lazy-refcounts",
+				    json_boolean(s->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS));
 	json_object_set_new(data, "refcount-bits", json_integer(s->refcount_bits));
-	json_object_set_new(data, "corrupt", json_boolean(bs->corrupt ||
-							  (s->incompatible_features & QCOW2_INCOMPAT_CORRUPT)));
-	json_object_set_new(data, "extended-l2", json_boolean(s->extl2));
+	if (s->version >= 3) {
+		json_object_set_new(data, "corrupt", json_boolean(bs->corrupt ||
+								  (s->incompatible_features & QCOW2_INCOMPAT_CORRUPT)));
+		json_object_set_new(data, "extended-l2", json_boolean(s->extl2));
+	}
 	json_object_set_new(fs, "type", json_string("qcow2"));
 	json_object_set_new(fs, "data", data);
 	json_object_set_new(info, "format-specific", fs);
@@ -1336,6 +1368,9 @@ static int amend_compat(struct qcow2_state *s, const char *compat)
 	if (ret < 0)
 		return ret;
 	s->version = 2;
+	free(s->ext.hdr_extra);
+	s->ext.hdr_extra = NULL;
+	s->ext.hdr_extra_len = 0;
 	s->incompatible_features = 0;
 	s->compatible_features = 0;
 	s->autoclear_features = 0;
@@ -1346,10 +1381,31 @@ static int amend_compat(struct qcow2_state *s, const char *compat)
 	return ret;
 }
 
+static int amend_lazy(struct qcow2_state *s, bool lazy)
+{
+	int ret = 0;
+
+	if (lazy && s->version < 3)
+		return vd_error(EINVAL, "qcow2: lazy_refcounts=on needs compat=1.1");
+	if (lazy == !!(s->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS))
+		return 0;
+	if (!lazy)
+		ret = qcow2_mark_clean(s);
+	if (ret < 0)
+		return ret;
+	if (lazy)
+		s->compatible_features |= QCOW2_COMPAT_LAZY_REFCOUNTS;
+	else
+		s->compatible_features &= ~QCOW2_COMPAT_LAZY_REFCOUNTS;
+	s->lazy_refcounts = lazy;
+	return qcow2_write_header(s);
+}
+
 static int qcow2_co_amend(struct vd_bnode *bs, json_t *opts)
 {
 	struct qcow2_state *s = bs->opaque;
 	const char *key;
+	bool lazy = false;
 	json_t *val;
 	int ret = 0;
 
@@ -1378,26 +1434,16 @@ static int qcow2_co_amend(struct vd_bnode *bs, json_t *opts)
 		return vd_error(EINVAL, "qcow2: unknown option '%s'", key);
 	}
 	vd_co_mutex_lock(&s->lock);
-	if (json_object_get(opts, "compat"))
-		ret = amend_compat(s, vd_opt_str(opts, "compat", ""));
-	if (ret == 0 && json_object_get(opts, "lazy_refcounts")) {
-		bool lazy;
+	/* lazy_refcounts=off before a downgrade, =on after an upgrade. */
+	if (json_object_get(opts, "lazy_refcounts")) {
 		ret = vd_opt_bool(opts, "lazy_refcounts", false, &lazy);
-		if (ret == 0 && lazy && s->version < 3)
-			ret = vd_error(EINVAL, "qcow2: lazy_refcounts=on needs compat=1.1");
-		if (ret == 0 && lazy != !!(s->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS)) {
-			if (!lazy)
-				ret = qcow2_mark_clean(s);
-			if (ret == 0) {
-				if (lazy)
-					s->compatible_features |= QCOW2_COMPAT_LAZY_REFCOUNTS;
-				else
-					s->compatible_features &= ~QCOW2_COMPAT_LAZY_REFCOUNTS;
-				s->lazy_refcounts = lazy;
-				ret = qcow2_write_header(s);
-			}
-		}
+		if (ret == 0 && !lazy)
+			ret = amend_lazy(s, false);
 	}
+	if (ret == 0 && json_object_get(opts, "compat"))
+		ret = amend_compat(s, vd_opt_str(opts, "compat", ""));
+	if (ret == 0 && json_object_get(opts, "lazy_refcounts") && lazy)
+		ret = amend_lazy(s, true);
 	if (ret == 0 && (json_object_get(opts, "backing_file") || json_object_get(opts, "backing_fmt"))) {
 		const char *bf = vd_opt_str(opts, "backing_file", bs->backing_file);
 		const char *bfmt = vd_opt_str(opts, "backing_fmt", bs->backing_format);

@@ -191,6 +191,9 @@ struct qcow2_ext_info {
 	int nb_features;
 	struct qcow2_ext *unknown; /* kept in order */
 	uint32_t end_offset;       /* first byte after the extension area */
+	/* Header fields past the ones we know (header_length > 112): preserved on rewrite. */
+	uint8_t *hdr_extra;
+	uint32_t hdr_extra_len;
 };
 
 /* ---- snapshots -------------------------------------------------------------- */
@@ -326,6 +329,7 @@ struct qcow2_state {
 	bool writable;
 	bool lazy_refcounts;     /* compatible bit set */
 	bool dirty_marked;       /* the dirty bit is set on disk by us */
+	bool needs_repair;       /* dirty at open and not repaired: never clear the dirty bit */
 	bool discard_passthrough;
 	bool compress_writes;    /* open option: compress full-cluster writes */
 	bool in_check;           /* check/repair: allocation consults check_refs */

@@ -244,48 +244,7 @@ out:
 	return ret;
 }
 
-/* Create the refcount block for table index idx, describing itself. */
-static int alloc_refblock(struct qcow2_state *s, uint64_t idx)
-{
-	uint64_t per_block = 1ULL << s->refblock_bits, first = idx << s->refblock_bits, c;
-	uint8_t *blk;
-	int ret;
-
-	if (idx >= s->refcount_table_size)
-		return grow_reftable(s, idx + 1);
-	/* Every cluster covered by a missing block is free; take the first one not under I/O. */
-	for (c = first; c < first + per_block; c++)
-		if (!qcow2_host_io_busy(s, c << s->cluster_bits, s->cluster_size))
-			break;
-	if (c == first + per_block)
-		return vd_error(EBUSY, "qcow2: no room for a refcount block");
-	ret = qcow2_ensure_file(s, (c + 1) << s->cluster_bits);
-	if (ret < 0)
-		return ret;
-	ret = qcow2_cache_get(s, &s->rc_cache, c << s->cluster_bits, &blk, false, true);
-	if (ret < 0)
-		return ret;
-	qcow2_rc_set(blk, s->refcount_order, c - first, 1);
-	ret = qcow2_overlap_check(s, QCOW2_OL_REFBLOCK, c << s->cluster_bits, s->cluster_size);
-	if (ret == 0)
-		ret = qcow2_file_pwrite(s, c << s->cluster_bits, blk, s->cluster_size);
-	if (ret == 0)
-		ret = qcow2_file_flush(s);
-	if (ret < 0) {
-		qcow2_cache_discard(&s->rc_cache, c << s->cluster_bits);
-		qcow2_cache_put(&s->rc_cache, blk);
-		return ret;
-	}
-	qcow2_cache_put(&s->rc_cache, blk);
-	s->refcount_table[idx] = c << s->cluster_bits;
-	ret = write_reftable_entry(s, idx);
-	if (ret < 0) {
-		s->refcount_table[idx] = 0;
-		qcow2_cache_discard(&s->rc_cache, c << s->cluster_bits);
-		return ret;
-	}
-	return 0;
-}
+static int alloc_run(struct qcow2_state *s, uint64_t n, uint64_t extra_idx, uint64_t *data_start);
 
 static int update_one_range(struct qcow2_state *s, uint64_t c0, uint64_t c1, uint64_t addend, bool decrease,
 			    uint64_t *done)
@@ -305,7 +264,9 @@ static int update_one_range(struct qcow2_state *s, uint64_t c0, uint64_t c1, uin
 			if (decrease)
 				return vd_error(EINVAL, "qcow2: refcount of cluster %#" PRIx64 " would drop below zero",
 						c << s->cluster_bits);
-			ret = alloc_refblock(s, idx);
+			/* Only for clusters in use without a refcount block (damaged images being repaired). */
+			uint64_t unused;
+			ret = alloc_run(s, 0, idx, &unused);
 			if (ret < 0)
 				return ret;
 			continue;
@@ -430,10 +391,10 @@ void qcow2_host_io_end(struct qcow2_state *s, struct qcow2_host_io *io)
 
 /* ---- allocation ------------------------------------------------------------------- */
 
-/* First run of n free clusters at or after s->free_cluster_index. */
-static int find_free(struct qcow2_state *s, uint64_t n, uint64_t *start)
+/* First run of n free clusters at or after `from` (clusters without a refcount block count as free). */
+static int find_free(struct qcow2_state *s, uint64_t from, uint64_t n, uint64_t *start)
 {
-	uint64_t per_block = 1ULL << s->refblock_bits, c = s->free_cluster_index, run = 0;
+	uint64_t per_block = 1ULL << s->refblock_bits, c = from, run = 0;
 	int ret;
 
 	if (c == 0)
@@ -462,6 +423,142 @@ static int find_free(struct qcow2_state *s, uint64_t n, uint64_t *start)
 	return 0;
 }
 
+static bool block_missing(struct qcow2_state *s, uint64_t idx)
+{
+	return idx >= s->refcount_table_size || !s->refcount_table[idx];
+}
+
+/* Sorted distinct missing refcount-block indices for clusters [c0, c0+n), plus extra_idx. */
+static uint64_t missing_blocks(struct qcow2_state *s, uint64_t c0, uint64_t n, uint64_t extra_idx, uint64_t *out,
+			       uint64_t max)
+{
+	uint64_t k = 0;
+
+	if (n) {
+		for (uint64_t idx = c0 >> s->refblock_bits; idx <= (c0 + n - 1) >> s->refblock_bits && k < max; idx++)
+			if (block_missing(s, idx))
+				out[k++] = idx;
+	}
+	if (extra_idx != UINT64_MAX && block_missing(s, extra_idx) && k < max) {
+		uint64_t i = k;
+		bool dup = false;
+		for (uint64_t j = 0; j < k; j++)
+			dup |= out[j] == extra_idx;
+		if (!dup) {
+			while (i > 0 && out[i - 1] > extra_idx) {
+				out[i] = out[i - 1];
+				i--;
+			}
+			out[i] = extra_idx;
+			k++;
+		}
+	}
+	return k;
+}
+
+/*
+ * Allocate a run: m new refcount blocks (for every block missing over the
+ * run, and extra_idx) followed by n data clusters, contiguous.  The new
+ * blocks describe each other and the data; they are written and flushed
+ * before the refcount table points at them.  *data_start: first data cluster.
+ */
+#define MAX_NEW_BLOCKS 256
+static int alloc_run(struct qcow2_state *s, uint64_t n, uint64_t extra_idx, uint64_t *data_start)
+{
+	uint64_t per_block = 1ULL << s->refblock_bits, start, m, idx[MAX_NEW_BLOCKS], from = s->free_cluster_index;
+	int ret;
+
+	for (;;) {
+		ret = find_free(s, from, n ? n : 1, &start);
+		if (ret < 0)
+			return ret;
+		m = 0;
+		for (;;) {
+			uint64_t k = missing_blocks(s, start, m + n, extra_idx, idx, MAX_NEW_BLOCKS), check;
+			if (k == MAX_NEW_BLOCKS)
+				return vd_error(EFBIG, "qcow2: allocation needs too many new refcount blocks");
+			if (k == m)
+				break;
+			m = k;
+			/* The run grew by the blocks: it must still be free. */
+			ret = find_free(s, start, m + n, &check);
+			if (ret < 0)
+				return ret;
+			start = check;
+		}
+		if (m && idx[m - 1] >= s->refcount_table_size) {
+			ret = grow_reftable(s, idx[m - 1] + 1);
+			if (ret < 0)
+				return ret;
+			from = s->free_cluster_index;
+			continue; /* the growth used clusters: plan again */
+		}
+		break;
+	}
+	ret = qcow2_ensure_file(s, (start + m + (n ? n : 0)) << s->cluster_bits);
+	if (ret < 0)
+		return ret;
+	if (m) {
+		/* Block clusters covered by an existing block are counted there. */
+		for (uint64_t c = start; c < start + m; c++) {
+			bool covered_by_new = false;
+			for (uint64_t j = 0; j < m; j++)
+				covered_by_new |= (c >> s->refblock_bits) == idx[j];
+			if (!covered_by_new) {
+				ret = qcow2_update_refcount(s, c << s->cluster_bits, s->cluster_size, 1, false);
+				if (ret < 0)
+					return ret;
+			}
+		}
+		/* Build and write the new blocks; each new block cluster has refcount 1 in whichever new block covers it. */
+		for (uint64_t j = 0; j < m; j++) {
+			uint64_t boff = (start + j) << s->cluster_bits;
+			uint8_t *blk;
+			ret = qcow2_cache_get(s, &s->rc_cache, boff, &blk, false, true);
+			if (ret < 0)
+				return ret;
+			for (uint64_t c = start; c < start + m; c++)
+				if ((c >> s->refblock_bits) == idx[j])
+					qcow2_rc_set(blk, s->refcount_order, c & (per_block - 1), 1);
+			ret = qcow2_overlap_check(s, QCOW2_OL_REFBLOCK, boff, s->cluster_size);
+			if (ret == 0)
+				ret = qcow2_file_pwrite(s, boff, blk, s->cluster_size);
+			qcow2_cache_put(&s->rc_cache, blk);
+			if (ret < 0) {
+				for (uint64_t i = 0; i <= j; i++)
+					qcow2_cache_discard(&s->rc_cache, (start + i) << s->cluster_bits);
+				return ret;
+			}
+		}
+		/* All of it on disk before the refcount table points at the new blocks. */
+		ret = qcow2_cache_flush(s, &s->rc_cache);
+		if (ret == 0)
+			ret = qcow2_file_flush(s);
+		for (uint64_t j = 0; ret == 0 && j < m; j++) {
+			s->refcount_table[idx[j]] = (start + j) << s->cluster_bits;
+			ret = write_reftable_entry(s, idx[j]);
+		}
+		if (ret < 0) {
+			for (uint64_t j = 0; j < m; j++) {
+				s->refcount_table[idx[j]] = 0;
+				qcow2_cache_discard(&s->rc_cache, (start + j) << s->cluster_bits);
+			}
+			return ret;
+		}
+	}
+	*data_start = start + m;
+	if (n) {
+		ret = qcow2_update_refcount(s, (start + m) << s->cluster_bits, n << s->cluster_bits, 1, false);
+		if (ret < 0)
+			return ret;
+		qcow2_unqueue_discard(s, (start + m) << s->cluster_bits, n << s->cluster_bits);
+		s->free_cluster_index = start + m + n;
+	} else if (start + m > s->free_cluster_index && start <= s->free_cluster_index) {
+		s->free_cluster_index = start + m;
+	}
+	return 0;
+}
+
 int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n)
 {
 	uint64_t start = 0;
@@ -469,32 +566,9 @@ int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n)
 
 	if (n == 0)
 		return vd_error(EINVAL, "qcow2: zero-size allocation");
-	for (;;) {
-		bool changed = false;
-		ret = find_free(s, n, &start);
-		if (ret < 0)
-			return ret;
-		/* Make sure refcount blocks exist for the range; creating one may take a cluster in it. */
-		for (uint64_t idx = start >> s->refblock_bits; idx <= (start + n - 1) >> s->refblock_bits; idx++) {
-			if (idx < s->refcount_table_size && s->refcount_table[idx])
-				continue;
-			ret = alloc_refblock(s, idx);
-			if (ret < 0)
-				return ret;
-			changed = true;
-			break;
-		}
-		if (!changed)
-			break;
-	}
-	ret = qcow2_ensure_file(s, (start + n) << s->cluster_bits);
+	ret = alloc_run(s, n, UINT64_MAX, &start);
 	if (ret < 0)
 		return ret;
-	ret = qcow2_update_refcount(s, start << s->cluster_bits, n << s->cluster_bits, 1, false);
-	if (ret < 0)
-		return ret;
-	qcow2_unqueue_discard(s, start << s->cluster_bits, n << s->cluster_bits);
-	s->free_cluster_index = start + n;
 	return (int64_t)(start << s->cluster_bits);
 }
 

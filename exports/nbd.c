@@ -1,0 +1,2080 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * The NBD export: the server side of the NBD protocol (fixed newstyle
+ * negotiation, structured replies, base:allocation and
+ * qemu:allocation-depth block status, TLS with X.509 or PSK credentials).
+ *
+ * Threads.  The NBD server (listeners, handshakes) runs in the main thread;
+ * once a client picked an export, its connection moves to the export's
+ * thread (the node's home), which serves it until it closes.
+ *
+ * A connection in transmission is one receive coroutine plus one coroutine
+ * per request:
+ *   - the receive coroutine reads request headers (and write payloads)
+ *     from a non-blocking socket, parking on the fd (vdd_cofd) when there is
+ *     nothing to read; it starts a coroutine per request and goes on
+ *     reading while those run (pipelining).  It stops reading while the
+ *     connection has max-inflight requests or BUDGET payload bytes in
+ *     flight, so a client that floods or never reads its replies is held
+ *     back by TCP instead of by our memory;
+ *   - a request coroutine does its block-layer call, then takes the
+ *     connection's send lock (so replies never interleave) and sends its
+ *     reply: replies go out as requests complete, not in order.  A full
+ *     socket parks the sender on POLLOUT; the loop and every other client
+ *     keep running.
+ * When the receive coroutine stops (end of file, NBD_CMD_DISC, a protocol
+ * error, shutdown), it waits for the requests in flight to finish, then
+ * frees the connection: nothing outlives it.
+ *
+ * The negotiation is written as named states (hs_*), each returning the
+ * next; every failure ends in HS_DEAD.
+ */
+#include <arpa/inet.h>
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <gnutls/gnutls.h>
+#include <inttypes.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "daemon.h"
+#include "export.h"
+#include "tls.h"
+
+/* ---- protocol constants ------------------------------------------------------------------------ */
+
+#define NBD_MAGIC 0x4e42444d41474943ull      /* "NBDMAGIC" */
+#define NBD_OPTS_MAGIC 0x49484156454f5054ull /* "IHAVEOPT" */
+#define NBD_REP_MAGIC 0x0003e889045565a9ull
+#define NBD_REQUEST_MAGIC 0x25609513u
+#define NBD_SIMPLE_REPLY_MAGIC 0x67446698u
+#define NBD_STRUCTURED_REPLY_MAGIC 0x668e33efu
+
+enum { NBD_FLAG_FIXED_NEWSTYLE = 1 << 0, NBD_FLAG_NO_ZEROES = 1 << 1 };
+enum { NBD_FLAG_C_FIXED_NEWSTYLE = 1 << 0, NBD_FLAG_C_NO_ZEROES = 1 << 1 };
+
+enum {
+	NBD_OPT_EXPORT_NAME = 1,
+	NBD_OPT_ABORT = 2,
+	NBD_OPT_LIST = 3,
+	NBD_OPT_STARTTLS = 5,
+	NBD_OPT_INFO = 6,
+	NBD_OPT_GO = 7,
+	NBD_OPT_STRUCTURED_REPLY = 8,
+	NBD_OPT_LIST_META_CONTEXT = 9,
+	NBD_OPT_SET_META_CONTEXT = 10,
+	NBD_OPT_EXTENDED_HEADERS = 11,
+};
+
+#define NBD_REP_ERR(n) (0x80000000u | (n))
+enum {
+	NBD_REP_ACK = 1,
+	NBD_REP_SERVER = 2,
+	NBD_REP_INFO = 3,
+	NBD_REP_META_CONTEXT = 4,
+	NBD_REP_ERR_UNSUP = NBD_REP_ERR(1),
+	NBD_REP_ERR_POLICY = NBD_REP_ERR(2),
+	NBD_REP_ERR_INVALID = NBD_REP_ERR(3),
+	NBD_REP_ERR_TLS_REQD = NBD_REP_ERR(5),
+	NBD_REP_ERR_UNKNOWN = NBD_REP_ERR(6),
+	NBD_REP_ERR_SHUTDOWN = NBD_REP_ERR(7),
+	NBD_REP_ERR_TOO_BIG = NBD_REP_ERR(9),
+};
+
+enum { NBD_INFO_EXPORT = 0, NBD_INFO_NAME = 1, NBD_INFO_DESCRIPTION = 2, NBD_INFO_BLOCK_SIZE = 3 };
+
+enum {
+	NBD_FLAG_HAS_FLAGS = 1 << 0,
+	NBD_FLAG_READ_ONLY = 1 << 1,
+	NBD_FLAG_SEND_FLUSH = 1 << 2,
+	NBD_FLAG_SEND_FUA = 1 << 3,
+	NBD_FLAG_ROTATIONAL = 1 << 4,
+	NBD_FLAG_SEND_TRIM = 1 << 5,
+	NBD_FLAG_SEND_WRITE_ZEROES = 1 << 6,
+	NBD_FLAG_SEND_DF = 1 << 7,
+	NBD_FLAG_CAN_MULTI_CONN = 1 << 8,
+	NBD_FLAG_SEND_CACHE = 1 << 10,
+	NBD_FLAG_SEND_FAST_ZERO = 1 << 11,
+};
+
+enum {
+	NBD_CMD_READ = 0,
+	NBD_CMD_WRITE = 1,
+	NBD_CMD_DISC = 2,
+	NBD_CMD_FLUSH = 3,
+	NBD_CMD_TRIM = 4,
+	NBD_CMD_CACHE = 5,
+	NBD_CMD_WRITE_ZEROES = 6,
+	NBD_CMD_BLOCK_STATUS = 7,
+};
+
+enum {
+	NBD_CMD_FLAG_FUA = 1 << 0,
+	NBD_CMD_FLAG_NO_HOLE = 1 << 1,
+	NBD_CMD_FLAG_DF = 1 << 2,
+	NBD_CMD_FLAG_REQ_ONE = 1 << 3,
+	NBD_CMD_FLAG_FAST_ZERO = 1 << 4,
+};
+
+enum { NBD_REPLY_FLAG_DONE = 1 << 0 };
+enum {
+	NBD_REPLY_TYPE_NONE = 0,
+	NBD_REPLY_TYPE_OFFSET_DATA = 1,
+	NBD_REPLY_TYPE_OFFSET_HOLE = 2,
+	NBD_REPLY_TYPE_BLOCK_STATUS = 5,
+	NBD_REPLY_TYPE_ERROR = 32769,
+};
+
+enum { NBD_STATE_HOLE = 1 << 0, NBD_STATE_ZERO = 1 << 1 };
+
+enum {
+	NBD_EPERM = 1,
+	NBD_EIO = 5,
+	NBD_ENOMEM = 12,
+	NBD_EINVAL = 22,
+	NBD_ENOSPC = 28,
+	NBD_EOVERFLOW = 75,
+	NBD_ENOTSUP = 95,
+	NBD_ESHUTDOWN = 108,
+};
+
+/* Metadata context ids of this server. */
+enum { CTX_BASE_ALLOCATION = 1, CTX_ALLOCATION_DEPTH = 2 };
+
+/* ---- limits --------------------------------------------------------------------------------------- */
+
+#define MAX_PAYLOAD (32u << 20)    /* largest read/write request (NBD_INFO_BLOCK_SIZE maximum) */
+#define BUDGET (64u << 20)         /* payload bytes in flight per connection */
+#define DEFAULT_MAX_INFLIGHT 128   /* requests in flight per connection */
+#define MAX_OPTION_LEN (64u << 10) /* option data we read during negotiation */
+#define MAX_OPTIONS 256            /* options per connection before we hang up */
+#define RBUF_SIZE (64u << 10)
+#define RECV_BURST 64              /* requests parsed before the receive coroutine lets others run */
+#define SPARSE_MIN (64u << 10)     /* structured reads this large report holes */
+#define SPARSE_MAX_EXTENTS 64
+#define BS_MAX_EXTENTS 1024        /* block status descriptors per reply */
+#define SHUTDOWN_GRACE_NS (2ull * 1000 * 1000 * 1000)
+
+/* ---- state ------------------------------------------------------------------------------------------ */
+
+struct nbd_listener {
+	struct nbd_listener *next;
+	int fd;
+	char *unix_path; /* unlinked on stop */
+	char *desc;
+};
+
+/* The server: main thread. */
+static struct {
+	bool running;
+	struct nbd_listener *listeners;
+	struct vdd_tls_creds *tls;
+	char *tls_id;
+	unsigned max_connections; /* 0 = unlimited */
+	uint64_t handshake_ns;
+	unsigned connections;     /* atomic: every open connection */
+	struct nbd_conn *handshaking;
+	uint64_t next_client_id;
+} server;
+
+#define POOL_CLASSES 14 /* 4 KiB .. 32 MiB */
+#define POOL_DEPTH 64
+#define POOL_MAX_BYTES (96u << 20)
+
+/*
+ * Buffers for requests, recycled per export (its thread): a fresh
+ * multi-megabyte allocation is an mmap whose pages fault in on first use,
+ * which costs more than the copy.  Retained memory is bounded and given
+ * back when the export's last client goes.
+ */
+struct buf_pool {
+	void *free[POOL_CLASSES][POOL_DEPTH];
+	int n[POOL_CLASSES];
+	size_t bytes;
+};
+
+struct nbd_export {
+	struct vd_export *exp;
+	struct nbd_export *next; /* server list: main thread */
+	char *name;
+	char *description;
+	unsigned max_inflight;
+	/* Set at start in the export's thread, read-only afterwards. */
+	uint64_t size;
+	uint16_t tflags;
+	/* The export's thread. */
+	struct nbd_conn *conns;
+	bool shutdown;
+	struct vdd_timer *grace;
+	struct buf_pool pool;
+};
+
+static struct nbd_export *nbd_exports; /* main thread */
+
+struct nbd_req {
+	struct nbd_conn *conn;
+	struct nbd_req *next_free;
+	uint16_t flags, type;
+	uint64_t cookie, offset;
+	uint32_t len;
+	void *buf;
+	size_t buf_len;
+	size_t payload; /* bytes counted against BUDGET */
+	bool nomem;     /* no buffer could be allocated */
+	uint64_t t_start;
+};
+
+struct nbd_conn {
+	struct nbd_conn *next;
+	int fd;
+	struct vdd_cofd cofd;
+	uint64_t id;
+	char peer[160];
+	gnutls_session_t tls;
+
+	uint8_t *rbuf;
+	size_t rpos, rlen;
+
+	/* Negotiation. */
+	bool no_zeroes, structured;
+	bool ctx_base, ctx_depth;
+	char *meta_export; /* export the contexts were set for */
+	unsigned n_options;
+	struct vdd_timer *deadline;
+	struct vd_export *exp; /* referenced once chosen */
+	struct nbd_export *nexp;
+
+	/* Transmission (the export's thread). */
+	struct vd_co_mutex send_lock;
+	unsigned inflight;
+	uint64_t inflight_bytes;
+	struct vd_co_queue slot_wait; /* the receive coroutine, waiting for room */
+	struct vd_co_queue drained;   /* the receive coroutine, waiting for inflight == 0 */
+	bool closing;                 /* stop reading requests */
+	bool broken;                  /* the socket is unusable: drop replies */
+	struct nbd_req *reqs, *free_reqs;
+};
+
+/* ---- byte order helpers ------------------------------------------------------------------------------ */
+
+static void put16(uint8_t *p, uint16_t v)
+{
+	v = htobe16(v);
+	memcpy(p, &v, 2);
+}
+
+static void put32(uint8_t *p, uint32_t v)
+{
+	v = htobe32(v);
+	memcpy(p, &v, 4);
+}
+
+static void put64(uint8_t *p, uint64_t v)
+{
+	v = htobe64(v);
+	memcpy(p, &v, 8);
+}
+
+static uint16_t get16(const uint8_t *p)
+{
+	uint16_t v;
+
+	memcpy(&v, p, 2);
+	return be16toh(v);
+}
+
+static uint32_t get32(const uint8_t *p)
+{
+	uint32_t v;
+
+	memcpy(&v, p, 4);
+	return be32toh(v);
+}
+
+static uint64_t get64(const uint8_t *p)
+{
+	uint64_t v;
+
+	memcpy(&v, p, 8);
+	return be64toh(v);
+}
+
+/* ---- buffers ------------------------------------------------------------------------------------------ */
+
+static int pool_class(size_t len)
+{
+	size_t size = 4096;
+	int cls = 0;
+
+	while (size < len) {
+		size <<= 1;
+		cls++;
+	}
+	return cls;
+}
+
+static void *pool_get(struct buf_pool *p, size_t len)
+{
+	int cls = pool_class(len);
+
+	if (cls >= POOL_CLASSES)
+		return NULL;
+	if (p->n[cls]) {
+		p->bytes -= (size_t)4096 << cls;
+		return p->free[cls][--p->n[cls]];
+	}
+	return vd_blk_alloc((size_t)4096 << cls);
+}
+
+static void pool_put(struct buf_pool *p, void *buf, size_t len)
+{
+	int cls = pool_class(len);
+	size_t size = (size_t)4096 << cls;
+
+	if (!buf)
+		return;
+	if (p->n[cls] < POOL_DEPTH && p->bytes + size <= POOL_MAX_BYTES) {
+		p->free[cls][p->n[cls]++] = buf;
+		p->bytes += size;
+	} else {
+		vd_blk_free(buf);
+	}
+}
+
+static void pool_drain(struct buf_pool *p)
+{
+	for (int cls = 0; cls < POOL_CLASSES; cls++)
+		while (p->n[cls])
+			vd_blk_free(p->free[cls][--p->n[cls]]);
+	p->bytes = 0;
+}
+
+/* ---- socket I/O (plain or TLS) ------------------------------------------------------------------------ */
+
+/* Read up to len bytes: > 0 read, 0 end of file, -EAGAIN, or another -errno. */
+static ssize_t read_some(struct nbd_conn *c, void *buf, size_t len)
+{
+	ssize_t n;
+
+	if (c->tls) {
+		n = gnutls_record_recv(c->tls, buf, len);
+		if (n >= 0)
+			return n;
+		if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED)
+			return -EAGAIN;
+		return -EIO;
+	}
+	do
+		n = recv(c->fd, buf, len, 0);
+	while (n < 0 && errno == EINTR);
+	if (n >= 0)
+		return n;
+	return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+}
+
+/* Make rbuf hold at least need unread bytes; -1 at end of file, on errors or when closing. */
+static int fill(struct nbd_conn *c, size_t need)
+{
+	while (c->rlen - c->rpos < need) {
+		ssize_t n;
+
+		if (c->broken || c->closing)
+			return -1;
+		if (c->rpos == c->rlen) {
+			c->rpos = c->rlen = 0;
+		} else if (c->rpos + need > RBUF_SIZE) {
+			memmove(c->rbuf, c->rbuf + c->rpos, c->rlen - c->rpos);
+			c->rlen -= c->rpos;
+			c->rpos = 0;
+		}
+		n = read_some(c, c->rbuf + c->rlen, RBUF_SIZE - c->rlen);
+		if (n > 0) {
+			c->rlen += (size_t)n;
+			continue;
+		}
+		if (n != -EAGAIN)
+			return -1;
+		vdd_cofd_wait(&c->cofd, POLLIN);
+	}
+	return 0;
+}
+
+/* Read exactly len bytes into buf: what rbuf holds first, then straight from the socket. */
+static int read_exact(struct nbd_conn *c, void *buf, size_t len)
+{
+	size_t have = c->rlen - c->rpos, done;
+
+	if (have > len)
+		have = len;
+	memcpy(buf, c->rbuf + c->rpos, have);
+	c->rpos += have;
+	done = have;
+	while (done < len) {
+		ssize_t n;
+
+		if (c->broken)
+			return -1;
+		n = read_some(c, (uint8_t *)buf + done, len - done);
+		if (n > 0) {
+			done += (size_t)n;
+			continue;
+		}
+		if (n != -EAGAIN)
+			return -1;
+		vdd_cofd_wait(&c->cofd, POLLIN);
+	}
+	return 0;
+}
+
+/* Send all of iov (consumed in place); -1 once the connection is broken. */
+static int write_iov(struct nbd_conn *c, struct iovec *iov, int niov)
+{
+	while (niov > 0) {
+		ssize_t n;
+
+		if (c->broken)
+			return -1;
+		if (iov->iov_len == 0) {
+			iov++;
+			niov--;
+			continue;
+		}
+		if (c->tls) {
+			n = gnutls_record_send(c->tls, iov->iov_base, iov->iov_len);
+			if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED) {
+				vdd_cofd_wait(&c->cofd, POLLOUT);
+				continue;
+			}
+			if (n < 0) {
+				c->broken = true;
+				return -1;
+			}
+		} else {
+			struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)(niov > 1024 ? 1024 : niov) };
+
+			n = sendmsg(c->fd, &msg, MSG_NOSIGNAL);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+				vdd_cofd_wait(&c->cofd, POLLOUT);
+				continue;
+			}
+			if (n < 0) {
+				c->broken = true;
+				return -1;
+			}
+		}
+		while (n > 0) {
+			size_t k = (size_t)n < iov->iov_len ? (size_t)n : iov->iov_len;
+
+			iov->iov_base = (uint8_t *)iov->iov_base + k;
+			iov->iov_len -= k;
+			n -= (ssize_t)k;
+			if (iov->iov_len == 0) {
+				iov++;
+				niov--;
+			}
+		}
+	}
+	return 0;
+}
+
+static int write_buf(struct nbd_conn *c, const void *buf, size_t len)
+{
+	struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+
+	return write_iov(c, &iov, 1);
+}
+
+/* Make the socket unusable now: every waiter wakes and fails. */
+static void conn_break(struct nbd_conn *c)
+{
+	if (c->broken)
+		return;
+	c->broken = true;
+	c->closing = true;
+	shutdown(c->fd, SHUT_RDWR);
+	vdd_cofd_wake(&c->cofd);
+}
+
+static void conn_free(struct nbd_conn *c)
+{
+	vdd_cofd_detach(&c->cofd);
+	if (c->tls) {
+		if (!c->broken)
+			gnutls_bye(c->tls, GNUTLS_SHUT_WR); /* best effort: non-blocking */
+		gnutls_deinit(c->tls);
+	}
+	close(c->fd);
+	vdd_timer_free(c->deadline);
+	free(c->reqs);
+	free(c->rbuf);
+	free(c->meta_export);
+	__atomic_sub_fetch(&server.connections, 1, __ATOMIC_RELAXED);
+	if (c->exp)
+		vd_export_unref(c->exp);
+	free(c);
+}
+
+/* ==== negotiation ========================================================================================== */
+
+enum hs_state {
+	HS_SEND_GREETING,
+	HS_RECV_CLIENT_FLAGS,
+	HS_RECV_OPTION,
+	HS_TRANSMISSION, /* an export was chosen: hand the connection to its thread */
+	HS_DEAD,         /* hang up */
+};
+
+static const char *const hs_names[] = { "send-greeting", "recv-client-flags", "recv-option", "transmission",
+					"dead" };
+
+/* An option being answered. */
+struct option {
+	uint32_t opt;
+	uint32_t len;
+	uint8_t *data;
+};
+
+static int send_rep(struct nbd_conn *c, uint32_t opt, uint32_t type, const void *data, uint32_t len)
+{
+	uint8_t hdr[20];
+	struct iovec iov[2] = { { hdr, sizeof(hdr) }, { (void *)data, len } };
+
+	put64(hdr, NBD_REP_MAGIC);
+	put32(hdr + 8, opt);
+	put32(hdr + 12, type);
+	put32(hdr + 16, len);
+	return write_iov(c, iov, len ? 2 : 1);
+}
+
+static int send_rep_err(struct nbd_conn *c, uint32_t opt, uint32_t type, const char *fmt, ...) VDD_PRINTF(4, 5);
+static int send_rep_err(struct nbd_conn *c, uint32_t opt, uint32_t type, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		n = 0;
+	if ((size_t)n >= sizeof(msg))
+		n = sizeof(msg) - 1;
+	return send_rep(c, opt, type, msg, (uint32_t)n);
+}
+
+/* The reply's outcome as a state: stay in negotiation, or hang up if the socket broke. */
+static enum hs_state after(int ret)
+{
+	return ret < 0 ? HS_DEAD : HS_RECV_OPTION;
+}
+
+static struct nbd_export *find_export(const char *name, size_t len)
+{
+	for (struct nbd_export *e = nbd_exports; e; e = e->next)
+		if (e->exp->ready && !vd_export_is_shutting_down(e->exp) && strlen(e->name) == len &&
+		    !memcmp(e->name, name, len))
+			return e;
+	return NULL;
+}
+
+static uint16_t transmission_flags(struct nbd_conn *c, struct nbd_export *e)
+{
+	return e->tflags | (c->structured ? NBD_FLAG_SEND_DF : 0);
+}
+
+static enum hs_state hs_send_greeting(struct nbd_conn *c)
+{
+	uint8_t buf[18];
+
+	put64(buf, NBD_MAGIC);
+	put64(buf + 8, NBD_OPTS_MAGIC);
+	put16(buf + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+	return write_buf(c, buf, sizeof(buf)) < 0 ? HS_DEAD : HS_RECV_CLIENT_FLAGS;
+}
+
+static enum hs_state hs_recv_client_flags(struct nbd_conn *c)
+{
+	uint32_t flags;
+
+	if (fill(c, 4) < 0)
+		return HS_DEAD;
+	flags = get32(c->rbuf + c->rpos);
+	c->rpos += 4;
+	if (flags & ~(uint32_t)(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) {
+		vdd_log("nbd client %" PRIu64 ": unknown client flags 0x%x", c->id, flags);
+		return HS_DEAD; /* the spec: the server MUST drop the connection */
+	}
+	c->no_zeroes = flags & NBD_FLAG_C_NO_ZEROES;
+	return HS_RECV_OPTION;
+}
+
+/* NBD_OPT_EXPORT_NAME: no way to report an error but hanging up. */
+static enum hs_state opt_export_name(struct nbd_conn *c, struct option *o)
+{
+	struct nbd_export *e = find_export((const char *)o->data, o->len);
+	uint8_t buf[10 + 124] = { 0 };
+
+	if (!e) {
+		vdd_log("nbd client %" PRIu64 ": export '%.*s' not found", c->id, (int)(o->len > 256 ? 256 : o->len),
+			(const char *)o->data);
+		return HS_DEAD;
+	}
+	put64(buf, e->size);
+	put16(buf + 8, transmission_flags(c, e));
+	if (write_buf(c, buf, c->no_zeroes ? 10 : sizeof(buf)) < 0)
+		return HS_DEAD;
+	vd_export_ref(e->exp);
+	c->exp = e->exp;
+	c->nexp = e;
+	c->ctx_base = c->ctx_depth = false; /* meta contexts need NBD_OPT_GO */
+	return HS_TRANSMISSION;
+}
+
+static enum hs_state opt_list(struct nbd_conn *c, struct option *o)
+{
+	if (o->len)
+		return after(send_rep_err(c, o->opt, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data"));
+	for (struct nbd_export *e = nbd_exports; e; e = e->next) {
+		size_t nlen = strlen(e->name), dlen = e->description ? strlen(e->description) : 0;
+		uint8_t *buf;
+		int ret;
+
+		if (!e->exp->ready || vd_export_is_shutting_down(e->exp))
+			continue;
+		buf = malloc(4 + nlen + dlen);
+		if (!buf)
+			return HS_DEAD;
+		put32(buf, (uint32_t)nlen);
+		memcpy(buf + 4, e->name, nlen);
+		if (dlen)
+			memcpy(buf + 4 + nlen, e->description, dlen);
+		ret = send_rep(c, o->opt, NBD_REP_SERVER, buf, (uint32_t)(4 + nlen + dlen));
+		free(buf);
+		if (ret < 0)
+			return HS_DEAD;
+	}
+	return after(send_rep(c, o->opt, NBD_REP_ACK, NULL, 0));
+}
+
+static enum hs_state opt_starttls(struct nbd_conn *c, struct option *o)
+{
+	char *err = NULL;
+
+	if (!server.tls)
+		return after(send_rep_err(c, o->opt, NBD_REP_ERR_POLICY, "TLS is not configured on this server"));
+	if (c->tls)
+		return after(send_rep_err(c, o->opt, NBD_REP_ERR_INVALID, "TLS is already active"));
+	if (o->len)
+		return after(send_rep_err(c, o->opt, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data"));
+	if (send_rep(c, o->opt, NBD_REP_ACK, NULL, 0) < 0)
+		return HS_DEAD;
+	if (c->rpos != c->rlen) {
+		vdd_log("nbd client %" PRIu64 ": sent data before the TLS handshake", c->id);
+		return HS_DEAD;
+	}
+	if (vdd_tls_session_new(server.tls, c->fd, &c->tls, &err) < 0 ||
+	    vdd_tls_handshake(server.tls, c->tls, &c->cofd, &c->broken, &err) < 0) {
+		vdd_log("nbd client %" PRIu64 ": TLS handshake failed: %s", c->id, err ? err : "?");
+		free(err);
+		return HS_DEAD;
+	}
+	/* Whatever was negotiated in plain text does not count. */
+	c->structured = c->ctx_base = c->ctx_depth = false;
+	return HS_RECV_OPTION;
+}
+
+static enum hs_state opt_structured_reply(struct nbd_conn *c, struct option *o)
+{
+	if (o->len)
+		return after(send_rep_err(c, o->opt, NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data"));
+	c->structured = true;
+	return after(send_rep(c, o->opt, NBD_REP_ACK, NULL, 0));
+}
+
+/* NBD_OPT_INFO and NBD_OPT_GO. */
+static enum hs_state opt_info_go(struct nbd_conn *c, struct option *o)
+{
+	bool want_name = false, want_desc = false;
+	const char *name;
+	struct nbd_export *e;
+	uint32_t nlen;
+	uint16_t nreq;
+	uint8_t info[14];
+
+	if (o->len < 6)
+		return after(send_rep_err(c, o->opt, NBD_REP_ERR_INVALID, "option too short"));
+	nlen = get32(o->data);
+	if (nlen > o->len - 6)
+		return after(send_rep_err(c, o->opt, NBD_REP_ERR_INVALID, "export name length is wrong"));
+	name = (const char *)o->data + 4;
+	nreq = get16(o->data + 4 + nlen);
+	if (o->len != 4 + nlen + 2 + 2u * nreq)
+		return after(send_rep_err(c, o->opt, NBD_REP_ERR_INVALID, "information request count is wrong"));
+	for (uint16_t i = 0; i < nreq; i++) {
+		uint16_t type = get16(o->data + 4 + nlen + 2 + 2u * i);
+
+		want_name |= type == NBD_INFO_NAME;
+		want_desc |= type == NBD_INFO_DESCRIPTION;
+	}
+	e = find_export(name, nlen);
+	if (!e)
+		return after(send_rep_err(c, o->opt, NBD_REP_ERR_UNKNOWN, "export '%.*s' not available",
+					  (int)(nlen > 256 ? 256 : nlen), name));
+
+	put16(info, NBD_INFO_EXPORT);
+	put64(info + 2, e->size);
+	put16(info + 10, transmission_flags(c, e));
+	if (send_rep(c, o->opt, NBD_REP_INFO, info, 12) < 0)
+		return HS_DEAD;
+	if (want_name) {
+		size_t len = strlen(e->name);
+		uint8_t *buf = malloc(2 + len);
+		int ret;
+
+		if (!buf)
+			return HS_DEAD;
+		put16(buf, NBD_INFO_NAME);
+		memcpy(buf + 2, e->name, len);
+		ret = send_rep(c, o->opt, NBD_REP_INFO, buf, (uint32_t)(2 + len));
+		free(buf);
+		if (ret < 0)
+			return HS_DEAD;
+	}
+	if (want_desc && e->description && e->description[0]) {
+		size_t len = strlen(e->description);
+		uint8_t *buf = malloc(2 + len);
+		int ret;
+
+		if (!buf)
+			return HS_DEAD;
+		put16(buf, NBD_INFO_DESCRIPTION);
+		memcpy(buf + 2, e->description, len);
+		ret = send_rep(c, o->opt, NBD_REP_INFO, buf, (uint32_t)(2 + len));
+		free(buf);
+		if (ret < 0)
+			return HS_DEAD;
+	}
+	/* The block layer handles any alignment, so the minimum is 1. */
+	put16(info, NBD_INFO_BLOCK_SIZE);
+	put32(info + 2, 1);
+	put32(info + 6, 4096);
+	put32(info + 10, MAX_PAYLOAD);
+	if (send_rep(c, o->opt, NBD_REP_INFO, info, 14) < 0)
+		return HS_DEAD;
+	if (send_rep(c, o->opt, NBD_REP_ACK, NULL, 0) < 0)
+		return HS_DEAD;
+	if (o->opt == NBD_OPT_INFO)
+		return HS_RECV_OPTION;
+	if (!c->meta_export || strlen(c->meta_export) != nlen || memcmp(c->meta_export, name, nlen))
+		c->ctx_base = c->ctx_depth = false; /* contexts were chosen for another export */
+	vd_export_ref(e->exp);
+	c->exp = e->exp;
+	c->nexp = e;
+	return HS_TRANSMISSION;
+}
+
+/* NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT. */
+static enum hs_state opt_meta_context(struct nbd_conn *c, struct option *o)
+{
+	static const struct {
+		const char *name;
+		uint32_t id;
+	} contexts[] = { { "base:allocation", CTX_BASE_ALLOCATION }, { "qemu:allocation-depth", CTX_ALLOCATION_DEPTH } };
+	bool set = o->opt == NBD_OPT_SET_META_CONTEXT, chosen[2] = { false, false };
+	uint32_t nlen, nq, pos;
+	const char *name;
+
+	if (!c->structured)
+		return after(send_rep_err(c, o->opt, NBD_REP_ERR_INVALID, "structured replies not negotiated"));
+	if (o->len < 8 || (nlen = get32(o->data)) > o->len - 8)
+		return after(send_rep_err(c, o->opt, NBD_REP_ERR_INVALID, "option too short"));
+	name = (const char *)o->data + 4;
+	nq = get32(o->data + 4 + nlen);
+	pos = 8 + nlen;
+	/* Validate every query before answering any. */
+	for (uint32_t i = 0, p = pos; i < nq; i++) {
+		uint32_t qlen;
+
+		if (o->len - p < 4 || (qlen = get32(o->data + p)) > o->len - p - 4)
+			return after(send_rep_err(c, o->opt, NBD_REP_ERR_INVALID, "query %u is truncated", i));
+		p += 4 + qlen;
+		if (i == nq - 1 && p != o->len)
+			return after(send_rep_err(c, o->opt, NBD_REP_ERR_INVALID, "trailing data after the queries"));
+	}
+	if (nq == 0 && pos != o->len)
+		return after(send_rep_err(c, o->opt, NBD_REP_ERR_INVALID, "trailing data after the queries"));
+	if (!find_export(name, nlen))
+		return after(send_rep_err(c, o->opt, NBD_REP_ERR_UNKNOWN, "export '%.*s' not available",
+					  (int)(nlen > 256 ? 256 : nlen), name));
+	if (set) {
+		free(c->meta_export);
+		c->meta_export = strndup(name, nlen);
+		c->ctx_base = c->ctx_depth = false;
+	}
+	if (nq == 0 && !set)
+		chosen[0] = chosen[1] = true; /* list everything */
+	for (uint32_t i = 0; i < nq; i++) {
+		uint32_t qlen = get32(o->data + pos);
+		const char *q = (const char *)o->data + pos + 4;
+
+		pos += 4 + qlen;
+		for (int k = 0; k < 2; k++) {
+			size_t full = strlen(contexts[k].name), ns = strchr(contexts[k].name, ':') - contexts[k].name + 1;
+
+			if (qlen == full && !memcmp(q, contexts[k].name, full))
+				chosen[k] = true;
+			else if (!set && qlen == ns && !memcmp(q, contexts[k].name, ns))
+				chosen[k] = true; /* "base:" lists the namespace */
+		}
+	}
+	for (int k = 0; k < 2; k++) {
+		size_t len = strlen(contexts[k].name);
+		uint8_t buf[64];
+
+		if (!chosen[k])
+			continue;
+		put32(buf, set ? contexts[k].id : 0);
+		memcpy(buf + 4, contexts[k].name, len);
+		if (send_rep(c, o->opt, NBD_REP_META_CONTEXT, buf, (uint32_t)(4 + len)) < 0)
+			return HS_DEAD;
+	}
+	if (set) {
+		c->ctx_base = chosen[0];
+		c->ctx_depth = chosen[1];
+	}
+	return after(send_rep(c, o->opt, NBD_REP_ACK, NULL, 0));
+}
+
+static enum hs_state hs_recv_option(struct nbd_conn *c)
+{
+	struct option o = { 0 };
+	enum hs_state next;
+
+	if (fill(c, 16) < 0)
+		return HS_DEAD;
+	if (get64(c->rbuf + c->rpos) != NBD_OPTS_MAGIC) {
+		vdd_log("nbd client %" PRIu64 ": bad option magic", c->id);
+		return HS_DEAD;
+	}
+	o.opt = get32(c->rbuf + c->rpos + 8);
+	o.len = get32(c->rbuf + c->rpos + 12);
+	c->rpos += 16;
+	if (++c->n_options > MAX_OPTIONS) {
+		vdd_log("nbd client %" PRIu64 ": more than %d options, hanging up", c->id, MAX_OPTIONS);
+		return HS_DEAD;
+	}
+	if (o.len > MAX_OPTION_LEN) {
+		/* We will not read megabytes of option data: the spec lets us hang up. */
+		send_rep_err(c, o.opt, NBD_REP_ERR_TOO_BIG, "option data too large (%u bytes)", o.len);
+		return HS_DEAD;
+	}
+	o.data = malloc(o.len + 1);
+	if (!o.data || read_exact(c, o.data, o.len) < 0) {
+		free(o.data);
+		return HS_DEAD;
+	}
+	o.data[o.len] = 0;
+	if (server.tls && !c->tls && o.opt != NBD_OPT_STARTTLS && o.opt != NBD_OPT_ABORT) {
+		/* FORCEDTLS: nothing before TLS; NBD_OPT_EXPORT_NAME cannot be answered with an error. */
+		next = o.opt == NBD_OPT_EXPORT_NAME
+			       ? HS_DEAD
+			       : after(send_rep_err(c, o.opt, NBD_REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS"));
+		free(o.data);
+		return next;
+	}
+	switch (o.opt) {
+	case NBD_OPT_EXPORT_NAME:
+		next = opt_export_name(c, &o);
+		break;
+	case NBD_OPT_ABORT:
+		send_rep(c, o.opt, NBD_REP_ACK, NULL, 0); /* the client may already be gone */
+		next = HS_DEAD;
+		break;
+	case NBD_OPT_LIST:
+		next = opt_list(c, &o);
+		break;
+	case NBD_OPT_STARTTLS:
+		next = opt_starttls(c, &o);
+		break;
+	case NBD_OPT_INFO:
+	case NBD_OPT_GO:
+		next = opt_info_go(c, &o);
+		break;
+	case NBD_OPT_STRUCTURED_REPLY:
+		next = opt_structured_reply(c, &o);
+		break;
+	case NBD_OPT_LIST_META_CONTEXT:
+	case NBD_OPT_SET_META_CONTEXT:
+		next = opt_meta_context(c, &o);
+		break;
+	default: /* NBD_OPT_EXTENDED_HEADERS included: not implemented */
+		next = after(send_rep_err(c, o.opt, NBD_REP_ERR_UNSUP, "option %u not supported", o.opt));
+		break;
+	}
+	free(o.data);
+	return next;
+}
+
+/* ==== transmission ========================================================================================== */
+
+static uint32_t nbd_errno(int err)
+{
+	switch (err) {
+	case EPERM:
+	case EACCES:
+	case EROFS:
+		return NBD_EPERM;
+	case ENOSPC:
+	case EDQUOT:
+	case EFBIG:
+		return NBD_ENOSPC;
+	case EINVAL:
+		return NBD_EINVAL;
+	case ENOMEM:
+		return NBD_ENOMEM;
+	case EOVERFLOW:
+		return NBD_EOVERFLOW;
+	case ENOTSUP:
+		return NBD_ENOTSUP;
+	case ESHUTDOWN:
+		return NBD_ESHUTDOWN;
+	default:
+		return NBD_EIO;
+	}
+}
+
+static void chunk_header(uint8_t *h, uint16_t flags, uint16_t type, uint64_t cookie, uint32_t len)
+{
+	put32(h, NBD_STRUCTURED_REPLY_MAGIC);
+	put16(h + 4, flags);
+	put16(h + 6, type);
+	put64(h + 8, cookie);
+	put32(h + 16, len);
+}
+
+/* Send iov under the connection's send lock. */
+static int send_locked(struct nbd_conn *c, struct iovec *iov, int niov)
+{
+	int ret;
+
+	vd_co_mutex_lock(&c->send_lock);
+	ret = write_iov(c, iov, niov);
+	vd_co_mutex_unlock(&c->send_lock);
+	return ret;
+}
+
+/* A reply without payload: simple, or NONE / ERROR chunk when structured replies are on. */
+static int reply_status(struct nbd_req *r, int err, const char *msg)
+{
+	struct nbd_conn *c = r->conn;
+	uint8_t h[20 + 6 + 256];
+	struct iovec iov;
+
+	if (!c->structured) {
+		put32(h, NBD_SIMPLE_REPLY_MAGIC);
+		put32(h + 4, err ? nbd_errno(err) : 0);
+		put64(h + 8, r->cookie);
+		iov = (struct iovec){ h, 16 };
+	} else if (!err) {
+		chunk_header(h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, r->cookie, 0);
+		iov = (struct iovec){ h, 20 };
+	} else {
+		size_t mlen = msg ? strlen(msg) : 0;
+
+		if (mlen > 256)
+			mlen = 256;
+		chunk_header(h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, r->cookie, (uint32_t)(6 + mlen));
+		put32(h + 20, nbd_errno(err));
+		put16(h + 24, (uint16_t)mlen);
+		memcpy(h + 26, msg, mlen);
+		iov = (struct iovec){ h, 26 + mlen };
+	}
+	return send_locked(c, &iov, 1);
+}
+
+/* ---- block status through the backing chain ---------------------------------------------------- */
+
+struct extent {
+	uint64_t len;
+	uint32_t state; /* NBD_STATE_* */
+	uint32_t depth; /* 0: unallocated in the whole chain; 1: the top layer; ... */
+};
+
+/* Status of [off, off+len) from the top of the chain down: one extent (e->len > 0). */
+static int status_above(struct vd_bnode *bs, uint64_t off, uint64_t len, struct extent *e)
+{
+	struct vd_bnode *layer = vd_export_unwrap(bs);
+	uint32_t depth = 1;
+
+	for (;;) {
+		uint64_t n = 0;
+		struct vd_bnode *next;
+		int ret = vd_bnode_co_block_status(layer, off, len, &n, NULL, NULL);
+
+		if (ret < 0)
+			return ret;
+		if (n == 0) { /* past this layer's end: zeroes */
+			*e = (struct extent){ .len = len, .state = NBD_STATE_HOLE | NBD_STATE_ZERO, .depth = 0 };
+			return 0;
+		}
+		if (ret & VD_BS_ALLOCATED) {
+			*e = (struct extent){ .len = n,
+					      .state = ((ret & VD_BS_DATA) ? 0 : NBD_STATE_HOLE) |
+						       ((ret & VD_BS_ZERO) ? NBD_STATE_ZERO : 0),
+					      .depth = depth };
+			return 0;
+		}
+		next = vd_export_backing(layer);
+		if (!next) {
+			*e = (struct extent){ .len = n,
+					      .state = NBD_STATE_HOLE | ((ret & VD_BS_ZERO) ? NBD_STATE_ZERO : 0),
+					      .depth = 0 };
+			return 0;
+		}
+		len = n;
+		layer = next;
+		depth++;
+	}
+}
+
+/* Up to max extents covering at most len bytes from off (at least one). */
+static int collect_extents(struct vd_bnode *bs, uint64_t off, uint64_t len, struct extent *v, int max, int *count)
+{
+	int n = 0;
+
+	while (len > 0 && n < max) {
+		int ret = status_above(bs, off, len, &v[n]);
+
+		if (ret < 0)
+			return ret;
+		if (v[n].len > len)
+			v[n].len = len;
+		off += v[n].len;
+		len -= v[n].len;
+		n++;
+	}
+	*count = n;
+	return 0;
+}
+
+/* ---- commands ------------------------------------------------------------------------------------- */
+
+static int read_into(struct nbd_req *r, uint64_t off, void *buf, uint64_t len)
+{
+	struct vd_qiov q;
+
+	vd_qiov_init_buf(&q, buf, len);
+	return vd_bnode_co_preadv(r->conn->exp->bs, off, len, &q, 0, 0);
+}
+
+/*
+ * A structured read large enough to report holes: OFFSET_DATA chunks for
+ * data, OFFSET_HOLE chunks for ranges that read as zeroes, all built first
+ * and sent in one go.  Returns 1 when it sent the reply, 0 when the range
+ * is all data (the caller does a plain read), -errno on a read error.
+ */
+static int sparse_read(struct nbd_req *r)
+{
+	struct nbd_conn *c = r->conn;
+	struct extent *ext = malloc(sizeof(*ext) * SPARSE_MAX_EXTENTS);
+	uint8_t *hdrs = NULL;
+	struct iovec *iov = NULL;
+	int n = 0, m = 0, niov = 0, ret;
+	uint64_t pos = 0;
+
+	if (!ext)
+		return 0;
+	ret = collect_extents(c->exp->bs, r->offset, r->len, ext, SPARSE_MAX_EXTENTS, &n);
+	if (ret < 0 || n == 0) {
+		ret = 0; /* status unknown: read it all */
+		goto out;
+	}
+	for (int i = 0; i < n; i++)
+		pos += ext[i].len;
+	if (pos < r->len) {
+		/* More extents than we look at: the rest is read as data. */
+		if (n == SPARSE_MAX_EXTENTS)
+			pos -= ext[--n].len;
+		ext[n++] = (struct extent){ .len = r->len - pos, .state = 0 };
+	}
+	/* Merge neighbours of the same kind (reads as zeroes, or data). */
+	for (int i = 0; i < n; i++) {
+		uint32_t zero = ext[i].state & NBD_STATE_ZERO;
+
+		if (m && (ext[m - 1].state & NBD_STATE_ZERO) == zero)
+			ext[m - 1].len += ext[i].len;
+		else
+			ext[m++] = (struct extent){ .len = ext[i].len, .state = zero };
+	}
+	if (m == 1 && !(ext[0].state & NBD_STATE_ZERO)) {
+		ret = 0;
+		goto out;
+	}
+	pos = r->offset;
+	for (int i = 0; i < m; i++) {
+		if (!(ext[i].state & NBD_STATE_ZERO)) {
+			ret = read_into(r, pos, (uint8_t *)r->buf + (pos - r->offset), ext[i].len);
+			if (ret < 0)
+				goto out;
+		}
+		pos += ext[i].len;
+	}
+	hdrs = malloc((size_t)m * 32);
+	iov = malloc(sizeof(*iov) * (size_t)m * 2);
+	if (!hdrs || !iov) {
+		ret = 0;
+		goto out;
+	}
+	pos = r->offset;
+	for (int i = 0; i < m; i++) {
+		uint8_t *h = hdrs + 32 * i;
+		uint16_t flags = i == m - 1 ? NBD_REPLY_FLAG_DONE : 0;
+
+		if (ext[i].state & NBD_STATE_ZERO) {
+			chunk_header(h, flags, NBD_REPLY_TYPE_OFFSET_HOLE, r->cookie, 12);
+			put64(h + 20, pos);
+			put32(h + 28, (uint32_t)ext[i].len);
+			iov[niov++] = (struct iovec){ h, 32 };
+		} else {
+			chunk_header(h, flags, NBD_REPLY_TYPE_OFFSET_DATA, r->cookie, (uint32_t)(8 + ext[i].len));
+			put64(h + 20, pos);
+			iov[niov++] = (struct iovec){ h, 28 };
+			iov[niov++] = (struct iovec){ (uint8_t *)r->buf + (pos - r->offset), ext[i].len };
+		}
+		pos += ext[i].len;
+	}
+	send_locked(c, iov, niov);
+	ret = 1;
+out:
+	free(hdrs);
+	free(iov);
+	free(ext);
+	return ret;
+}
+
+static int cmd_read(struct nbd_req *r)
+{
+	struct nbd_conn *c = r->conn;
+	uint8_t h[28];
+	struct iovec iov[2];
+	int ret;
+
+	if (r->len == 0)
+		return reply_status(r, 0, NULL) < 0 ? 0 : 0;
+	if (c->structured && !(r->flags & NBD_CMD_FLAG_DF) && r->len >= SPARSE_MIN) {
+		ret = sparse_read(r);
+		if (ret > 0)
+			return 0;
+		if (ret < 0)
+			goto fail;
+	}
+	ret = read_into(r, r->offset, r->buf, r->len);
+	if (ret < 0)
+		goto fail;
+	if (c->structured) {
+		chunk_header(h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, r->cookie, 8 + r->len);
+		put64(h + 20, r->offset);
+		iov[0] = (struct iovec){ h, 28 };
+	} else {
+		put32(h, NBD_SIMPLE_REPLY_MAGIC);
+		put32(h + 4, 0);
+		put64(h + 8, r->cookie);
+		iov[0] = (struct iovec){ h, 16 };
+	}
+	iov[1] = (struct iovec){ r->buf, r->len };
+	send_locked(c, iov, 2);
+	return 0;
+fail:
+	reply_status(r, -ret, "read failed");
+	return ret;
+}
+
+static int cmd_write(struct nbd_req *r)
+{
+	struct vd_qiov q;
+	int ret;
+
+	vd_qiov_init_buf(&q, r->buf, r->len);
+	ret = vd_bnode_co_pwritev(r->conn->exp->bs, r->offset, r->len, &q, 0,
+				  (r->flags & NBD_CMD_FLAG_FUA) ? VD_BREQ_FUA : 0);
+	reply_status(r, ret < 0 ? -ret : 0, "write failed");
+	return ret;
+}
+
+static int cmd_flush(struct nbd_req *r)
+{
+	int ret = vd_bnode_co_flush(r->conn->exp->bs);
+
+	reply_status(r, ret < 0 ? -ret : 0, "flush failed");
+	return ret;
+}
+
+static int cmd_trim(struct nbd_req *r)
+{
+	struct vd_bnode *bs = r->conn->exp->bs;
+	int ret = r->len ? vd_bnode_co_pdiscard(bs, r->offset, r->len) : 0;
+
+	if (ret == -ENOTSUP)
+		ret = 0; /* trim is advisory */
+	if (ret == 0 && (r->flags & NBD_CMD_FLAG_FUA))
+		ret = vd_bnode_co_flush(bs);
+	reply_status(r, ret < 0 ? -ret : 0, "trim failed");
+	return ret;
+}
+
+static int cmd_write_zeroes(struct nbd_req *r)
+{
+	int flags = 0, ret;
+
+	if (!(r->flags & NBD_CMD_FLAG_NO_HOLE))
+		flags |= VD_BREQ_MAY_UNMAP;
+	if (r->flags & NBD_CMD_FLAG_FUA)
+		flags |= VD_BREQ_FUA;
+	if (r->flags & NBD_CMD_FLAG_FAST_ZERO)
+		flags |= VD_BREQ_NO_FALLBACK;
+	ret = r->len ? vd_bnode_co_pwrite_zeroes(r->conn->exp->bs, r->offset, r->len, flags) : 0;
+	reply_status(r, ret < 0 ? -ret : 0,
+		     ret == -ENOTSUP && (r->flags & NBD_CMD_FLAG_FAST_ZERO) ? "fast zeroing not possible"
+									    : "write zeroes failed");
+	return ret;
+}
+
+/* Prefetch: read the range (the page cache keeps it); NBD_CMD_CACHE has no payload. */
+static int cmd_cache(struct nbd_req *r)
+{
+	struct nbd_export *e = r->conn->nexp;
+	uint64_t off = r->offset, left = r->len;
+	size_t chunk = left < (1u << 20) ? (size_t)left : (1u << 20);
+	void *buf = left ? pool_get(&e->pool, chunk) : NULL;
+	int ret = 0;
+
+	if (left && !buf)
+		ret = -ENOMEM;
+	while (ret == 0 && left) {
+		size_t n = left < chunk ? (size_t)left : chunk;
+
+		ret = read_into(r, off, buf, n);
+		off += n;
+		left -= n;
+	}
+	pool_put(&e->pool, buf, chunk);
+	reply_status(r, ret < 0 ? -ret : 0, "cache failed");
+	return ret;
+}
+
+static int cmd_block_status(struct nbd_req *r)
+{
+	struct nbd_conn *c = r->conn;
+	int max = (r->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : BS_MAX_EXTENTS, n = 0, ret;
+	struct extent *ext = malloc(sizeof(*ext) * (size_t)max);
+	uint8_t *payload = NULL;
+	struct iovec iov[4];
+	uint8_t hb[20], hd[20];
+	int niov = 0;
+
+	if (!ext) {
+		reply_status(r, ENOMEM, "out of memory");
+		return -ENOMEM;
+	}
+	ret = collect_extents(c->exp->bs, r->offset, r->len, ext, max, &n);
+	if (ret < 0) {
+		free(ext);
+		reply_status(r, -ret, "block status failed");
+		return ret;
+	}
+	/* Two descriptor lists (one per context), each merging equal neighbours. */
+	payload = malloc(2 * (4 + 8 * (size_t)n));
+	if (!payload) {
+		free(ext);
+		reply_status(r, ENOMEM, "out of memory");
+		return -ENOMEM;
+	}
+	for (int k = 0; k < 2; k++) {
+		bool want = k == 0 ? c->ctx_base : c->ctx_depth;
+		uint8_t *p = payload + k * (4 + 8 * (size_t)n), *h = k == 0 ? hb : hd;
+		uint32_t ndesc = 0, last = 0;
+
+		if (!want)
+			continue;
+		put32(p, k == 0 ? CTX_BASE_ALLOCATION : CTX_ALLOCATION_DEPTH);
+		for (int i = 0; i < n; i++) {
+			uint32_t v = k == 0 ? ext[i].state : ext[i].depth;
+			uint8_t *d = p + 4 + 8 * ndesc;
+
+			if (ndesc && v == last && get32(d - 8) + ext[i].len <= UINT32_MAX) {
+				put32(d - 8, get32(d - 8) + (uint32_t)ext[i].len);
+				continue;
+			}
+			put32(d, (uint32_t)ext[i].len);
+			put32(d + 4, v);
+			last = v;
+			ndesc++;
+		}
+		chunk_header(h, 0, NBD_REPLY_TYPE_BLOCK_STATUS, r->cookie, 4 + 8 * ndesc);
+		iov[niov++] = (struct iovec){ h, 20 };
+		iov[niov++] = (struct iovec){ p, 4 + 8 * ndesc };
+	}
+	/* The last chunk is the final one. */
+	put16((uint8_t *)iov[niov - 2].iov_base + 4, NBD_REPLY_FLAG_DONE);
+	send_locked(c, iov, niov);
+	free(payload);
+	free(ext);
+	return 0;
+}
+
+/* ---- request validation and dispatch ------------------------------------------------------------ */
+
+/* Error for a request the client should not have sent, or 0. */
+static int validate(struct nbd_req *r, const char **msg)
+{
+	struct nbd_conn *c = r->conn;
+	struct nbd_export *e = c->nexp;
+	uint16_t allowed = NBD_CMD_FLAG_FUA; /* accepted (and ignored where meaningless) everywhere */
+	bool writes = false;
+
+	if (r->nomem) {
+		*msg = "out of memory";
+		return ENOMEM;
+	}
+	switch (r->type) {
+	case NBD_CMD_READ:
+		if (c->structured)
+			allowed |= NBD_CMD_FLAG_DF;
+		if (r->len > MAX_PAYLOAD) {
+			*msg = "request too large";
+			return EINVAL;
+		}
+		break;
+	case NBD_CMD_WRITE:
+	case NBD_CMD_TRIM:
+		writes = true;
+		break;
+	case NBD_CMD_WRITE_ZEROES:
+		writes = true;
+		allowed |= NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
+		break;
+	case NBD_CMD_BLOCK_STATUS:
+		allowed |= NBD_CMD_FLAG_REQ_ONE;
+		if (!c->ctx_base && !c->ctx_depth) {
+			*msg = "no metadata context negotiated";
+			return EINVAL;
+		}
+		if (r->len == 0) {
+			*msg = "zero-length block status";
+			return EINVAL;
+		}
+		break;
+	case NBD_CMD_FLUSH:
+	case NBD_CMD_CACHE:
+		break;
+	default:
+		*msg = "unknown command";
+		return EINVAL;
+	}
+	if (r->flags & ~allowed) {
+		*msg = "invalid command flags";
+		return EINVAL;
+	}
+	if (writes && !c->exp->writable) {
+		*msg = "export is read-only";
+		return EPERM;
+	}
+	if (r->type != NBD_CMD_FLUSH && (r->offset > e->size || r->len > e->size - r->offset)) {
+		*msg = "request beyond the end of the export";
+		return r->type == NBD_CMD_WRITE || r->type == NBD_CMD_WRITE_ZEROES ? ENOSPC : EINVAL;
+	}
+	return 0;
+}
+
+static enum vd_io_op io_op(uint16_t type)
+{
+	switch (type) {
+	case NBD_CMD_READ:
+		return VD_IO_READ;
+	case NBD_CMD_WRITE:
+		return VD_IO_WRITE;
+	case NBD_CMD_FLUSH:
+		return VD_IO_FLUSH;
+	case NBD_CMD_TRIM:
+		return VD_IO_DISCARD;
+	case NBD_CMD_WRITE_ZEROES:
+		return VD_IO_WRITE_ZEROES;
+	case NBD_CMD_BLOCK_STATUS:
+		return VD_IO_BLOCK_STATUS;
+	default:
+		return VD_IO_CACHE;
+	}
+}
+
+static void req_release(struct nbd_req *r)
+{
+	struct nbd_conn *c = r->conn;
+
+	pool_put(&c->nexp->pool, r->buf, r->buf_len);
+	r->buf = NULL;
+	c->inflight_bytes -= r->payload;
+	c->inflight--;
+	r->next_free = c->free_reqs;
+	c->free_reqs = r;
+	if (!vd_co_queue_empty(&c->slot_wait))
+		vd_co_queue_wake_one(&c->slot_wait);
+	if (c->inflight == 0 && !vd_co_queue_empty(&c->drained))
+		vd_co_queue_wake_all(&c->drained);
+}
+
+static void req_co(void *opaque)
+{
+	struct nbd_req *r = opaque;
+	struct nbd_conn *c = r->conn;
+	struct vd_export *exp = c->exp;
+	const char *msg = NULL;
+	int err = validate(r, &msg), ret;
+	uint64_t t_io, t_end;
+
+	t_io = vdd_now_ns();
+	if (err) {
+		reply_status(r, err, msg);
+		ret = -err;
+	} else {
+		switch (r->type) {
+		case NBD_CMD_READ:
+			ret = cmd_read(r);
+			break;
+		case NBD_CMD_WRITE:
+			ret = cmd_write(r);
+			break;
+		case NBD_CMD_FLUSH:
+			ret = cmd_flush(r);
+			break;
+		case NBD_CMD_TRIM:
+			ret = cmd_trim(r);
+			break;
+		case NBD_CMD_WRITE_ZEROES:
+			ret = cmd_write_zeroes(r);
+			break;
+		case NBD_CMD_CACHE:
+			ret = cmd_cache(r);
+			break;
+		default:
+			ret = cmd_block_status(r);
+			break;
+		}
+	}
+	t_end = vdd_now_ns();
+	{
+		enum vd_io_op op = io_op(r->type);
+		uint64_t bytes = op == VD_IO_FLUSH || op == VD_IO_BLOCK_STATUS ? 0 : r->len;
+
+		vd_io_stats_account(&exp->stats, op, bytes, t_end - r->t_start, ret < 0);
+		if (exp->node_stats)
+			vd_io_stats_account(exp->node_stats, op, bytes, t_end - t_io, ret < 0);
+	}
+	if (ret < 0 && vdd_verbose)
+		vdd_log("nbd client %" PRIu64 ": command %u [%" PRIu64 ", +%u) failed: %s", c->id, r->type, r->offset,
+			r->len, strerror(-ret));
+	req_release(r);
+}
+
+/* The receive coroutine: requests in, until the connection ends. */
+static void recv_loop(struct nbd_conn *c)
+{
+	struct nbd_export *e = c->nexp;
+	unsigned burst = 0;
+
+	for (;;) {
+		struct nbd_req *r;
+		uint32_t magic;
+		uint8_t *h;
+		size_t payload;
+		struct vd_co *co;
+
+		while (!c->closing && c->inflight >= e->max_inflight)
+			vd_co_queue_wait(&c->slot_wait, NULL);
+		/* Requests still buffered are not worth serving once the client is gone. */
+		if (c->closing || c->broken)
+			break;
+		if (++burst == RECV_BURST) {
+			/* A client with many requests buffered does not starve the others on this thread. */
+			burst = 0;
+			vd_loop_schedule(c->cofd.loop, vd_co_self());
+			vd_co_yield();
+			continue;
+		}
+		if (fill(c, 28) < 0)
+			break;
+		h = c->rbuf + c->rpos;
+		magic = get32(h);
+		if (magic != NBD_REQUEST_MAGIC) {
+			vdd_log("nbd client %" PRIu64 ": bad request magic 0x%08x: protocol error, hanging up", c->id, magic);
+			conn_break(c);
+			break;
+		}
+		r = c->free_reqs;
+		c->free_reqs = r->next_free;
+		r->flags = get16(h + 4);
+		r->type = get16(h + 6);
+		r->cookie = get64(h + 8);
+		r->offset = get64(h + 16);
+		r->len = get32(h + 24);
+		r->buf = NULL;
+		r->buf_len = 0;
+		r->payload = 0;
+		r->nomem = false;
+		c->rpos += 28;
+		r->t_start = vdd_now_ns();
+		if (r->type == NBD_CMD_DISC) {
+			r->next_free = c->free_reqs;
+			c->free_reqs = r;
+			c->closing = true; /* finish what is in flight, then close */
+			break;
+		}
+		if (r->type == NBD_CMD_WRITE && r->len > MAX_PAYLOAD) {
+			/* We will not swallow an oversized payload: hang up (the spec allows it). */
+			vdd_log("nbd client %" PRIu64 ": %u-byte write exceeds the %u-byte maximum, hanging up", c->id,
+				r->len, MAX_PAYLOAD);
+			r->next_free = c->free_reqs;
+			c->free_reqs = r;
+			conn_break(c);
+			break;
+		}
+		payload = (r->type == NBD_CMD_WRITE || (r->type == NBD_CMD_READ && r->len <= MAX_PAYLOAD)) ? r->len : 0;
+		c->inflight++;
+		r->payload = payload;
+		/* Hold the request back while too many bytes are in flight (always admit one). */
+		while (!c->closing && c->inflight > 1 && c->inflight_bytes + payload > BUDGET)
+			vd_co_queue_wait(&c->slot_wait, NULL);
+		c->inflight_bytes += payload;
+		if (payload) {
+			r->buf = pool_get(&e->pool, payload);
+			r->buf_len = payload;
+			if (!r->buf) {
+				if (r->type == NBD_CMD_WRITE) {
+					conn_break(c); /* cannot take the payload */
+					req_release(r);
+					break;
+				}
+				r->nomem = true; /* answered with ENOMEM */
+			}
+		}
+		if (r->type == NBD_CMD_WRITE && read_exact(c, r->buf, r->len) < 0) {
+			req_release(r);
+			break;
+		}
+		co = vd_co_create(req_co, r);
+		if (!co) {
+			req_release(r);
+			conn_break(c);
+			break;
+		}
+		vd_co_enter(co);
+	}
+}
+
+/* ---- connection lifecycle ------------------------------------------------------------------------ */
+
+static void conn_unlink(struct nbd_conn **list, struct nbd_conn *c)
+{
+	for (struct nbd_conn **pp = list; *pp; pp = &(*pp)->next) {
+		if (*pp == c) {
+			*pp = c->next;
+			return;
+		}
+	}
+}
+
+/* The export's thread: serve c until it ends, then free it. */
+static void transmission_co(void *opaque)
+{
+	struct nbd_conn *c = opaque;
+	struct nbd_export *e = c->nexp;
+	struct vd_export *exp = c->exp;
+
+	vdd_cofd_init(&c->cofd, c->fd);
+	vd_co_mutex_init(&c->send_lock);
+	vd_co_queue_init(&c->slot_wait);
+	vd_co_queue_init(&c->drained);
+	if (e->shutdown || vd_export_is_shutting_down(exp)) {
+		conn_free(c);
+		return;
+	}
+	c->reqs = calloc(e->max_inflight, sizeof(*c->reqs));
+	if (!c->reqs) {
+		conn_free(c);
+		return;
+	}
+	for (unsigned i = 0; i < e->max_inflight; i++) {
+		c->reqs[i].conn = c;
+		c->reqs[i].next_free = c->free_reqs;
+		c->free_reqs = &c->reqs[i];
+	}
+	c->next = e->conns;
+	e->conns = c;
+	exp->connections++;
+	exp->connections_total++;
+	vd_export_client_event(exp, true, c->id, c->peer);
+	vdd_log("nbd client %" PRIu64 " (%s) connected to export '%s'%s%s", c->id, c->peer, exp->id,
+		c->structured ? ", structured replies" : "", c->tls ? ", TLS" : "");
+
+	recv_loop(c);
+
+	c->closing = true;
+	while (c->inflight)
+		vd_co_queue_wait(&c->drained, NULL);
+	conn_unlink(&e->conns, c);
+	exp->connections--;
+	if (!e->conns)
+		pool_drain(&e->pool); /* idle exports keep no buffers */
+	vd_export_client_event(exp, false, c->id, c->peer);
+	vdd_log("nbd client %" PRIu64 " (%s) disconnected from export '%s'", c->id, c->peer, exp->id);
+	conn_free(c); /* drops the export reference last */
+}
+
+static void deadline_expired(void *opaque)
+{
+	struct nbd_conn *c = opaque;
+
+	vdd_log("nbd client %" PRIu64 " (%s): negotiation took too long, hanging up", c->id, c->peer);
+	conn_break(c);
+}
+
+/* The main thread: negotiate, then hand the connection to its export's thread. */
+static void handshake_co(void *opaque)
+{
+	struct nbd_conn *c = opaque;
+	enum hs_state state = HS_SEND_GREETING, prev = state;
+
+	while (state != HS_TRANSMISSION && state != HS_DEAD) {
+		prev = state;
+		switch (state) {
+		case HS_SEND_GREETING:
+			state = hs_send_greeting(c);
+			break;
+		case HS_RECV_CLIENT_FLAGS:
+			state = hs_recv_client_flags(c);
+			break;
+		case HS_RECV_OPTION:
+			state = hs_recv_option(c);
+			break;
+		default:
+			state = HS_DEAD;
+			break;
+		}
+	}
+	conn_unlink(&server.handshaking, c);
+	vdd_timer_free(c->deadline);
+	c->deadline = NULL;
+	if (state == HS_DEAD || c->broken) {
+		if (vdd_verbose && state == HS_DEAD)
+			vdd_log("nbd client %" PRIu64 " (%s): negotiation ended in state %s", c->id, c->peer, hs_names[prev]);
+		conn_free(c);
+		return;
+	}
+	vdd_cofd_detach(&c->cofd);
+	vd_export_post(c->exp, transmission_co, c);
+}
+
+static void accept_event(void *opaque, int fd, int revents)
+{
+	struct nbd_listener *l = opaque;
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof(ss);
+	struct nbd_conn *c;
+	struct vd_co *co;
+	int cfd = accept4(fd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+
+	(void)revents;
+	if (cfd < 0)
+		return;
+	if (server.max_connections &&
+	    __atomic_load_n(&server.connections, __ATOMIC_RELAXED) >= server.max_connections) {
+		vdd_log("nbd: refusing a connection on %s: max-connections (%u) reached", l->desc,
+			server.max_connections);
+		close(cfd);
+		return;
+	}
+	c = calloc(1, sizeof(*c));
+	if (!c || !(c->rbuf = malloc(RBUF_SIZE))) {
+		free(c);
+		close(cfd);
+		return;
+	}
+	c->fd = cfd;
+	c->id = ++server.next_client_id;
+	if (ss.ss_family == AF_INET || ss.ss_family == AF_INET6) {
+		char host[INET6_ADDRSTRLEN] = "?", port[16] = "?";
+		int one = 1;
+
+		getnameinfo((struct sockaddr *)&ss, sl, host, sizeof(host), port, sizeof(port),
+			    NI_NUMERICHOST | NI_NUMERICSERV);
+		snprintf(c->peer, sizeof(c->peer), "inet:%s:%s", host, port);
+		setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	} else {
+		snprintf(c->peer, sizeof(c->peer), "unix:%s", l->unix_path ? l->unix_path : "");
+	}
+	__atomic_add_fetch(&server.connections, 1, __ATOMIC_RELAXED);
+	vdd_cofd_init(&c->cofd, cfd);
+	c->next = server.handshaking;
+	server.handshaking = c;
+	if (server.handshake_ns && (c->deadline = vdd_timer_new(deadline_expired, c)))
+		vdd_timer_arm(c->deadline, server.handshake_ns);
+	co = vd_co_create(handshake_co, c);
+	if (!co) {
+		conn_unlink(&server.handshaking, c);
+		conn_free(c);
+		return;
+	}
+	vd_co_enter(co);
+}
+
+/* ==== the export type ==================================================================================== */
+
+static const char *const nbd_options[] = { "name", "description", "bitmaps", "allocation-depth", "max-inflight", NULL };
+
+static int nbd_create(struct vd_export *exp, json_t *opts, char **errp)
+{
+	struct nbd_export *e = exp->opaque;
+	const char *name, *desc;
+	uint64_t max_inflight;
+	json_t *bitmaps = json_object_get(opts, "bitmaps");
+
+	if (!server.running)
+		return vdd_error(errp, "NBD server not running (start it with --nbd-server or nbd-server-start)");
+	if (vdd_arg_str(opts, "name", false, exp->node_name, &name, errp) < 0 ||
+	    vdd_arg_str(opts, "description", false, NULL, &desc, errp) < 0 ||
+	    vdd_arg_u64(opts, "max-inflight", DEFAULT_MAX_INFLIGHT, &max_inflight, errp) < 0)
+		return -1;
+	if (bitmaps && !(json_is_array(bitmaps) && json_array_size(bitmaps) == 0))
+		return vdd_error(errp, "block-export-add: dirty bitmaps are not supported");
+	if (strlen(name) > 4096 || (desc && strlen(desc) > 4096))
+		return vdd_error(errp, "block-export-add: export name and description are limited to 4096 bytes");
+	if (max_inflight < 1 || max_inflight > 16384)
+		return vdd_error(errp, "block-export-add: max-inflight must be between 1 and 16384");
+	for (struct nbd_export *o = nbd_exports; o; o = o->next)
+		if (!strcmp(o->name, name))
+			return vdd_error(errp, "NBD export '%s' already exists", name);
+	e->exp = exp;
+	e->max_inflight = (unsigned)max_inflight;
+	if (!(e->name = strdup(name)) || (desc && !(e->description = strdup(desc)))) {
+		free(e->name);
+		return vdd_error(errp, "out of memory");
+	}
+	e->next = nbd_exports;
+	nbd_exports = e;
+	return 0;
+}
+
+static int nbd_start(struct vd_export *exp, char **errp)
+{
+	struct nbd_export *e = exp->opaque;
+	uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_CACHE;
+
+	(void)errp;
+	if (exp->writable)
+		f |= NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
+	else
+		f |= NBD_FLAG_READ_ONLY;
+	if (exp->multi_conn)
+		f |= NBD_FLAG_CAN_MULTI_CONN;
+	e->tflags = f;
+	e->size = exp->bs->size;
+	return 0;
+}
+
+static void grace_expired(void *opaque)
+{
+	struct nbd_export *e = opaque;
+	struct nbd_conn *c, *next;
+
+	for (c = e->conns; c; c = next) {
+		next = c->next;
+		conn_break(c);
+	}
+}
+
+static void nbd_shutdown(struct vd_export *exp)
+{
+	struct nbd_export *e = exp->opaque;
+
+	struct nbd_conn *c, *next;
+
+	e->shutdown = true;
+	for (c = e->conns; c; c = next) {
+		next = c->next; /* waking c's reader may free c */
+		c->closing = true;
+		vd_co_queue_wake_all(&c->slot_wait);
+		/* The reader stops; a writer blocked on a full socket retries until the grace period ends. */
+		vdd_cofd_wake(&c->cofd);
+	}
+	if (e->conns && !e->grace && (e->grace = vdd_timer_new(grace_expired, e)))
+		vdd_timer_arm(e->grace, SHUTDOWN_GRACE_NS);
+	/* The export is destroyed once every connection dropped its reference. */
+}
+
+static void grace_free(void *opaque)
+{
+	struct nbd_export *e = opaque;
+
+	vdd_timer_free(e->grace);
+	e->grace = NULL;
+	pool_drain(&e->pool);
+}
+
+static void nbd_destroy(struct vd_export *exp)
+{
+	struct nbd_export *e = exp->opaque;
+
+	for (struct nbd_export **pp = &nbd_exports; *pp; pp = &(*pp)->next) {
+		if (*pp == e) {
+			*pp = e->next;
+			break;
+		}
+	}
+	/* The timer and the pool belong to the export's thread. */
+	if (exp->bs)
+		vdd_thread_call(exp->thread, grace_free, e);
+	free(e->name);
+	free(e->description);
+}
+
+static void nbd_query(struct vd_export *exp, json_t *info)
+{
+	struct nbd_export *e = exp->opaque;
+
+	json_object_set_new(info, "name", json_string(e->name));
+	if (e->description)
+		json_object_set_new(info, "description", json_string(e->description));
+	json_object_set_new(info, "max-inflight", json_integer(e->max_inflight));
+	json_object_set_new(info, "size", json_integer((json_int_t)e->size));
+}
+
+const struct vd_export_type vd_export_type_nbd = {
+	.name = "nbd",
+	.state_size = sizeof(struct nbd_export),
+	.options = nbd_options,
+	.create = nbd_create,
+	.start = nbd_start,
+	.shutdown = nbd_shutdown,
+	.destroy = nbd_destroy,
+	.query = nbd_query,
+};
+
+/* ==== the server ========================================================================================= */
+
+static void listener_add(int fd, const char *desc, const char *unix_path)
+{
+	struct nbd_listener *l = calloc(1, sizeof(*l));
+
+	if (!l) {
+		close(fd);
+		return;
+	}
+	l->fd = fd;
+	l->desc = strdup(desc);
+	l->unix_path = unix_path ? strdup(unix_path) : NULL;
+	l->next = server.listeners;
+	server.listeners = l;
+	vd_loop_set_fd_handler(vdd_thread_loop(vdd_main_thread()), fd, POLLIN, accept_event, l);
+	vdd_log("nbd: listening on %s", desc);
+}
+
+static int listen_unix(const char *path, char **errp)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct stat st;
+	int fd;
+
+	if (strlen(path) >= sizeof(sa.sun_path))
+		return vdd_error(errp, "socket path '%s' is too long", path);
+	strcpy(sa.sun_path, path); /* length checked above */
+	if (stat(path, &st) == 0 && S_ISSOCK(st.st_mode))
+		unlink(path); /* a stale socket of an earlier run */
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return vdd_error(errp, "socket: %s", strerror(errno));
+	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 128) < 0) {
+		vdd_error(errp, "cannot listen on '%s': %s", path, strerror(errno));
+		close(fd);
+		return -1;
+	}
+	{
+		char desc[sizeof(sa.sun_path) + 8];
+
+		snprintf(desc, sizeof(desc), "unix:%s", path);
+		listener_add(fd, desc, path);
+	}
+	return 0;
+}
+
+static int listen_inet(const char *host, const char *port, char **errp)
+{
+	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE };
+	struct addrinfo *res, *ai;
+	int ret = getaddrinfo(host && host[0] ? host : NULL, port, &hints, &res), n = 0;
+	char *first_err = NULL;
+
+	if (ret)
+		return vdd_error(errp, "cannot resolve '%s:%s': %s", host ? host : "", port, gai_strerror(ret));
+	for (ai = res; ai; ai = ai->ai_next) {
+		int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol), one = 1;
+		char h[INET6_ADDRSTRLEN] = "?", p[16] = "?", desc[96];
+
+		if (fd < 0)
+			continue;
+		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+		if (ai->ai_family == AF_INET6)
+			setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+		if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, 128) < 0) {
+			if (!first_err)
+				vdd_error(&first_err, "cannot listen on %s:%s: %s", host ? host : "*", port, strerror(errno));
+			close(fd);
+			continue;
+		}
+		getnameinfo(ai->ai_addr, ai->ai_addrlen, h, sizeof(h), p, sizeof(p), NI_NUMERICHOST | NI_NUMERICSERV);
+		snprintf(desc, sizeof(desc), "inet:%s:%s", h, p);
+		listener_add(fd, desc, NULL);
+		n++;
+	}
+	freeaddrinfo(res);
+	if (!n) {
+		vdd_error(errp, "%s", first_err ? first_err : "no address to listen on");
+		free(first_err);
+		return -1;
+	}
+	free(first_err);
+	return 0;
+}
+
+static void listeners_close(void)
+{
+	while (server.listeners) {
+		struct nbd_listener *l = server.listeners;
+
+		server.listeners = l->next;
+		vd_loop_del_fd_handler(vdd_thread_loop(vdd_main_thread()), l->fd);
+		close(l->fd);
+		if (l->unix_path)
+			unlink(l->unix_path);
+		free(l->unix_path);
+		free(l->desc);
+		free(l);
+	}
+}
+
+int vdd_nbd_server_start(json_t *opts, char **errp)
+{
+	static const char *const known[] = { "addr", "tls-creds", "tls-authz", "max-connections",
+					     "handshake-max-seconds", NULL };
+	const char *type, *tls = NULL, *path, *host, *port_s;
+	uint64_t max_conn, hs_secs, port;
+	json_t *addr, *data;
+	char portbuf[16];
+	int ret;
+
+	if (server.running)
+		return vdd_error(errp, "NBD server already running");
+	if (vdd_args_check(opts, known, "nbd-server", errp) < 0)
+		return -1;
+	if (json_object_get(opts, "tls-authz"))
+		return vdd_error(errp, "nbd-server: tls-authz is not supported");
+	addr = json_object_get(opts, "addr");
+	if (!json_is_object(addr))
+		return vdd_error(errp, "nbd-server: 'addr' is missing (addr.type=unix,addr.path=... or "
+				       "addr.type=inet,addr.host=...,addr.port=...)");
+	data = json_object_get(addr, "data"); /* the legacy {"type": ..., "data": {...}} shape */
+	if (!json_is_object(data))
+		data = addr;
+	if (vdd_arg_str(addr, "type", true, NULL, &type, errp) < 0 ||
+	    vdd_arg_str(opts, "tls-creds", false, NULL, &tls, errp) < 0 ||
+	    vdd_arg_u64(opts, "max-connections", 0, &max_conn, errp) < 0 ||
+	    vdd_arg_u64(opts, "handshake-max-seconds", 10, &hs_secs, errp) < 0)
+		goto fail;
+	if (tls) {
+		server.tls = vdd_tls_creds_find(tls);
+		if (!server.tls)
+			return vdd_error(errp, "nbd-server: TLS credentials '%s' not found (add them with --object)", tls);
+		if (!vdd_tls_creds_is_server(server.tls))
+			return vdd_error(errp, "nbd-server: TLS credentials '%s' are not for a server endpoint", tls);
+	}
+	if (!strcmp(type, "unix")) {
+		if (vdd_arg_str(data, "path", true, NULL, &path, errp) < 0)
+			goto fail;
+		ret = listen_unix(path, errp);
+	} else if (!strcmp(type, "inet")) {
+		json_t *pv = json_object_get(data, "port");
+
+		if (vdd_arg_str(data, "host", false, NULL, &host, errp) < 0)
+			goto fail;
+		if (json_is_integer(pv)) {
+			if (vdd_arg_u64(data, "port", 10809, &port, errp) < 0)
+				goto fail;
+			snprintf(portbuf, sizeof(portbuf), "%llu", (unsigned long long)port);
+			port_s = portbuf;
+		} else if (vdd_arg_str(data, "port", false, "10809", &port_s, errp) < 0) {
+			goto fail;
+		}
+		ret = listen_inet(host, port_s, errp);
+	} else {
+		return vdd_error(errp, "nbd-server: addr.type must be unix or inet, not '%s'", type);
+	}
+	if (ret < 0) {
+		server.tls = NULL;
+		goto fail;
+	}
+	server.tls_id = tls ? strdup(tls) : NULL;
+	server.max_connections = (unsigned)max_conn;
+	server.handshake_ns = hs_secs * 1000000000ull;
+	server.running = true;
+	return 0;
+fail:
+	vdd_error_prefix(errp, "nbd-server: ");
+	return -1;
+}
+
+int vdd_nbd_server_stop(char **errp)
+{
+	struct nbd_conn *c, *next;
+
+	if (!server.running)
+		return vdd_error(errp, "NBD server not running");
+	listeners_close();
+	/* Negotiations in progress end now; clients already in transmission stay. */
+	for (c = server.handshaking; c; c = next) {
+		next = c->next;
+		conn_break(c);
+	}
+	server.running = false;
+	server.tls = NULL;
+	free(server.tls_id);
+	server.tls_id = NULL;
+	return 0;
+}
+
+bool vdd_nbd_server_running(void)
+{
+	return server.running;
+}
+
+json_t *vdd_nbd_server_query(void)
+{
+	json_t *addrs = json_array();
+
+	for (struct nbd_listener *l = server.listeners; l; l = l->next)
+		json_array_append_new(addrs, json_string(l->desc));
+	return json_pack("{s:b, s:o, s:s?, s:i, s:i}", "running", server.running, "listening", addrs, "tls-creds",
+			 server.tls_id, "max-connections", (int)server.max_connections, "connections",
+			 (int)__atomic_load_n(&server.connections, __ATOMIC_RELAXED));
+}
