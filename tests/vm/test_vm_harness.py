@@ -154,5 +154,6 @@ hostrun /bin/sh -c 'cat f; readlink -f /bin/sh'
 
 def test_timeout_kills_guest(image):
     with pytest.raises(vm.GuestTimeout) as e:
-        vm.run_in_guest("echo going-to-sleep; sleep 600", modules=[], timeout=20)
+        # Long enough for a TCG boot on a loaded 2-CPU machine; the guest then sleeps forever.
+        vm.run_in_guest("echo going-to-sleep; sleep 600", modules=[], timeout=45)
     assert "going-to-sleep" in str(e.value)
