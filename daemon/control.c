@@ -562,7 +562,9 @@ static void client_co(void *opaque)
 
 			for (size_t i = 0; i < len && blank; i++)
 				blank = c->in[i] == ' ' || c->in[i] == '\t' || c->in[i] == '\r';
-			if (!discarding && !blank)
+			if (!discarding && len > MAX_LINE)
+				send_json(c, error_reply("GenericError", "command line too long", NULL));
+			else if (!discarding && !blank)
 				execute(c, c->in, len);
 			discarding = false;
 			memmove(c->in, nl + 1, c->in_len - len - 1);
@@ -616,7 +618,7 @@ int vdd_control_add(const char *spec, char **errp)
 		return vdd_error(errp, "control socket: empty path");
 	if (strlen(path) >= sizeof(sa.sun_path))
 		return vdd_error(errp, "control socket path '%s' is too long", path);
-	strcpy(sa.sun_path, path); /* length checked */
+	memcpy(sa.sun_path, path, strlen(path) + 1); /* length checked */
 	if (stat(path, &st) == 0 && S_ISSOCK(st.st_mode))
 		unlink(path);
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);

@@ -1899,7 +1899,7 @@ static int listen_unix(const char *path, char **errp)
 
 	if (strlen(path) >= sizeof(sa.sun_path))
 		return vdd_error(errp, "socket path '%s' is too long", path);
-	strcpy(sa.sun_path, path); /* length checked above */
+	memcpy(sa.sun_path, path, strlen(path) + 1); /* length checked above */
 	if (stat(path, &st) == 0 && S_ISSOCK(st.st_mode))
 		unlink(path); /* a stale socket of an earlier run */
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);

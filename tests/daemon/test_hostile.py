@@ -160,8 +160,8 @@ def test_silent_client_times_out(daemon_factory, raw_image):
     s = socket.socket(socket.AF_UNIX)
     s.connect(str(d.nbd_path))
     t = time.monotonic()
-    assert closed_by_server(s, timeout=10)
-    assert 0.5 < time.monotonic() - t < 5
+    assert closed_by_server(s, timeout=15)
+    assert 0.5 < time.monotonic() - t < 9
     assert_healthy(d)
 
 
@@ -238,7 +238,7 @@ def test_slow_reader_does_not_block_others(raw_daemon):
     assert sent < 100000
     t = time.monotonic()
     assert_healthy(raw_daemon)
-    assert time.monotonic() - t < 5
+    assert time.monotonic() - t < 8
     out = raw_daemon.qmp("query-block-exports")
     assert {e["id"]: e for e in out}["e0"]["connections"] >= 1
     s.close()

@@ -95,7 +95,8 @@ def test_qemu_img_map_over_nbd(qcow2_daemon):
 def test_fio_nbd_engine(raw_daemon, tmp_path):
     out = run(["fio", "--name=t", "--ioengine=nbd", f"--uri={raw_daemon.uri('r0')}", "--rw=randrw",
                "--bs=4k", "--iodepth=16", "--size=32M", "--time_based", "--runtime=1",
-               "--output-format=json", "--verify=crc32c", "--do_verify=1"], timeout=60).stdout
+               "--output-format=json", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0",
+               f"--directory={tmp_path}"], timeout=60).stdout
     job = json.loads(out[out.index(b"{"):])["jobs"][0]
     assert job["error"] == 0
     assert job["read"]["total_ios"] + job["write"]["total_ios"] > 100
