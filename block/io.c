@@ -70,32 +70,18 @@ static uint64_t max_chunk(const struct vd_bnode *bs)
 	return bs->max_transfer && max ? max : UINT64_MAX;
 }
 
-static int read_chunks(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off,
-		       int flags)
+typedef int (*vd_rw_op)(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off,
+			int flags);
+
+/* Call a format's read or write op in pieces of at most max_transfer bytes. */
+static int rw_chunks(struct vd_bnode *bs, vd_rw_op op, uint64_t off, uint64_t len, struct vd_qiov *qiov,
+		     size_t qiov_off, int flags)
 {
 	uint64_t chunk = max_chunk(bs);
 
 	while (len > 0) {
 		uint64_t n = len < chunk ? len : chunk;
-		int ret = bs->fmt->co_preadv(bs, off, n, qiov, qiov_off, flags);
-
-		if (ret < 0)
-			return ret;
-		off += n;
-		qiov_off += n;
-		len -= n;
-	}
-	return 0;
-}
-
-static int write_chunks(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off,
-			int flags)
-{
-	uint64_t chunk = max_chunk(bs);
-
-	while (len > 0) {
-		uint64_t n = len < chunk ? len : chunk;
-		int ret = bs->fmt->co_pwritev(bs, off, n, qiov, qiov_off, flags);
+		int ret = op(bs, off, n, qiov, qiov_off, flags);
 
 		if (ret < 0)
 			return ret;
@@ -146,7 +132,7 @@ static int read_block(struct vd_bnode *bs, uint64_t blk, void *bounce, int flags
 	struct vd_qiov q;
 
 	vd_qiov_init_buf(&q, bounce, bs->request_alignment);
-	return read_chunks(bs, blk, bs->request_alignment, &q, 0, flags);
+	return rw_chunks(bs, bs->fmt->co_preadv, blk, bs->request_alignment, &q, 0, flags);
 }
 
 static int write_block(struct vd_bnode *bs, uint64_t blk, void *bounce, int flags)
@@ -154,7 +140,7 @@ static int write_block(struct vd_bnode *bs, uint64_t blk, void *bounce, int flag
 	struct vd_qiov q;
 
 	vd_qiov_init_buf(&q, bounce, bs->request_alignment);
-	return write_chunks(bs, blk, bs->request_alignment, &q, 0, flags);
+	return rw_chunks(bs, bs->fmt->co_pwritev, blk, bs->request_alignment, &q, 0, flags);
 }
 
 /* Read the partial block at blk and copy [off, off+n) of it into qiov. */
@@ -183,7 +169,7 @@ static int preadv_misaligned(struct vd_bnode *bs, uint64_t off, uint64_t len, st
 	if (p.head_len)
 		ret = read_partial(bs, p.head_blk, off, p.head_len, bounce, qiov, qiov_off, flags);
 	if (ret == 0 && p.mid_len)
-		ret = read_chunks(bs, p.mid_off, p.mid_len, qiov, qiov_off + (p.mid_off - off), flags);
+		ret = rw_chunks(bs, bs->fmt->co_preadv, p.mid_off, p.mid_len, qiov, qiov_off + (p.mid_off - off), flags);
 	if (ret == 0 && p.tail_len)
 		ret = read_partial(bs, p.tail_blk, p.tail_blk, p.tail_len, bounce, qiov,
 				   qiov_off + (p.tail_blk - off), flags);
@@ -219,7 +205,7 @@ typedef int (*mid_writer)(struct vd_bnode *bs, uint64_t off, uint64_t len, const
 
 static int write_mid_data(struct vd_bnode *bs, uint64_t off, uint64_t len, const struct wsrc *src, int flags)
 {
-	return write_chunks(bs, off, len, src->qiov, src->qiov_off + (off - src->off), flags);
+	return rw_chunks(bs, bs->fmt->co_pwritev, off, len, src->qiov, src->qiov_off + (off - src->off), flags);
 }
 
 static int write_misaligned(struct vd_bnode *bs, uint64_t off, uint64_t len, const struct wsrc *src,
@@ -311,7 +297,7 @@ int vd_bnode_co_preadv(struct vd_bnode *bs, uint64_t off, uint64_t len, struct v
 	bs->rd_bytes += len;
 	if (!is_aligned(bs, off, len))
 		return preadv_misaligned(bs, off, len, qiov, qiov_off, flags);
-	return read_chunks(bs, off, len, qiov, qiov_off, flags);
+	return rw_chunks(bs, bs->fmt->co_preadv, off, len, qiov, qiov_off, flags);
 }
 
 int vd_bnode_co_pwritev(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off,
@@ -369,7 +355,7 @@ static int write_zero_buffers(struct vd_bnode *bs, uint64_t off, uint64_t len, i
 		size_t n = len < chunk ? (size_t)len : chunk;
 
 		vd_qiov_init_buf(&q, zeroes, n);
-		ret = write_chunks(bs, off, n, &q, 0, flags & VD_BREQ_FUA);
+		ret = rw_chunks(bs, bs->fmt->co_pwritev, off, n, &q, 0, flags & VD_BREQ_FUA);
 		off += n;
 		len -= n;
 	}
