@@ -661,9 +661,10 @@ static void cmd_info(struct ctx *c)
 /* Split a command line into words (whitespace separated, no quoting). */
 static int split_words(char *s, char **w)
 {
+	char *save = NULL;
 	int n = 0;
 
-	for (char *tok = strtok(s, " \t"); tok; tok = strtok(NULL, " \t")) {
+	for (char *tok = strtok_r(s, " \t", &save); tok; tok = strtok_r(NULL, " \t", &save)) {
 		if (n == MAX_WORDS)
 			usage_error("command has too many words");
 		w[n++] = tok;
