@@ -106,6 +106,10 @@ def test_drop_writes_after_n(tmp, variant):
     _, total = run_cut(img, cmds, 1 << 30, v.get("opts", ()))
     assert total > 0
     points = sorted(set(list(range(0, min(total, 40))) + [int(total * f / 60) for f in range(60)] + [total]))
+    # QCOW2_CRASH_STRIDE=k keeps every k-th crash point (and the last): the
+    # sanitizer build runs a thinner sweep of the same workloads.
+    stride = max(1, int(os.environ.get("QCOW2_CRASH_STRIDE", "1")))
+    points = sorted(set(points[::stride] + [total]))
     for n in points:
         shutil.copy(template, img)
         durable, seen = run_cut(img, cmds, n, v.get("opts", ()))
