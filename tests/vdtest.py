@@ -1,0 +1,90 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""
+Helpers shared by the pytest suites that drive the build's binaries: where the
+build is, running a command under a timeout with sanitizer reports turned into
+failures, skipping when a peer tool is missing, and compiling a small test
+client against libvdisk with the build's sanitizer flags.
+
+A suite's conftest.py makes this importable with
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from vdtest import ...
+"""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUILD = Path(os.environ.get("VDISK_BUILD", REPO / "build")).resolve()
+TIMEOUT = 60
+SANITIZER_MARKERS = ("runtime error:", "ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
+                     "ERROR: UndefinedBehaviorSanitizer")
+
+
+def find_built(name):
+    """The built executable `name` (tests/unit, tests, tools, daemon or the top), or None."""
+    for sub in ("tests/unit", "tests", "tools", "daemon", "."):
+        cand = BUILD / sub / name
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def sanitize_flags():
+    """The -fsanitize= flag the build was configured with ([] for a normal build)."""
+    ninja = BUILD / "build.ninja"
+    if not ninja.exists():
+        return []
+    text = ninja.read_text(errors="replace")
+    flags = []
+    if "-fsanitize=address" in text:
+        flags.append("address")
+    if "-fsanitize=undefined" in text or "address,undefined" in text:
+        flags.append("undefined")
+    return ["-fsanitize=" + ",".join(flags)] if flags else []
+
+
+def requires(*tools):
+    """Skip marker for tests whose peer programs are not installed."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    return pytest.mark.skipif(bool(missing), reason="missing " + ", ".join(missing))
+
+
+def check_sanitizers(args, stderr):
+    """Fail on any ASan/UBSan/LSan report (sanitizer builds only print them)."""
+    if stderr and any(m in stderr for m in SANITIZER_MARKERS):
+        raise AssertionError(f"sanitizer report from {args}:\n{stderr}")
+
+
+def run(args, timeout=TIMEOUT, check=None, **kw):
+    """Run a command; check=0/1/...: expected exit status.  A hang or a sanitizer report fails."""
+    try:
+        p = subprocess.run([str(a) for a in args], capture_output=kw.pop("capture_output", True), text=True,
+                           timeout=timeout, errors="replace", **kw)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"HANG: {args} did not finish in {timeout} s\n{e.stdout}\n{e.stderr}")
+    check_sanitizers(args, p.stderr)
+    if check is not None:
+        assert p.returncode == check, f"{args}: exit {p.returncode}, expected {check}\n" \
+                                      f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    return p
+
+
+def compile_client(source, out):
+    """Build a test client (one C file) against the build's libvdisk, with its sanitizers."""
+    lib = BUILD / "libvdisk.so"
+    if not lib.exists():
+        pytest.skip(f"libvdisk.so not built in {BUILD} (set VDISK_BUILD)")
+    cmd = ["cc", "-std=gnu11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", *sanitize_flags(),
+           "-I", str(REPO / "include"), str(source), "-o", str(out), "-L", str(BUILD), "-lvdisk",
+           f"-Wl,-rpath,{BUILD}", "-lpthread"]
+    subprocess.run(cmd, check=True, timeout=TIMEOUT)
+    return out
+
+
+def kv_lines(text):
+    """Parse `key=value` lines (vdisk-io `info`) into a dict."""
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
