@@ -247,3 +247,89 @@ def allocated(path, off, length):
             pos = hole
     return total
 
+
+
+# ---- vdiskd's vhost-user-blk export (tests/vhost-user/test_export*.py) ------------------------------------------
+
+VDISKD = BUILD / "daemon" / "vdiskd"
+
+
+class Vdiskd:
+    """vdiskd exporting one node over vhost-user-blk (export e0 on socket .sock); stderr goes to a file."""
+
+    def __init__(self, tmp, sock, blockdevs, export_opts, extra=()):
+        self.sock = str(sock)
+        self.log = Path(tmp) / f"{Path(sock).stem}.log"
+        self.argv = [str(VDISKD), "-v", *extra]
+        for bd in blockdevs:
+            self.argv += ["--blockdev", bd]
+        self.argv += ["--export", f"type=vhost-user-blk,id=e0,addr.type=unix,addr.path={sock},{export_opts}"]
+        self._err = open(self.log, "wb")
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=self._err, start_new_session=True)
+        end = time.monotonic() + 15
+        while "vdiskd: ready" not in self.output():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.argv} exited {self.proc.returncode}:\n{self.output()}")
+            if time.monotonic() > end:
+                raise RuntimeError(f"{self.argv} did not become ready:\n{self.output()}")
+            time.sleep(0.02)
+
+    def output(self):
+        return self.log.read_text(errors="replace")
+
+    def wait_log(self, text, timeout=10):
+        end = time.monotonic() + timeout
+        while text not in self.output():
+            if time.monotonic() > end:
+                raise AssertionError(f"vdiskd never logged {text!r}:\n{self.output()}")
+            time.sleep(0.02)
+
+    @property
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self):
+        """SIGTERM; the daemon must exit 0 without a sanitizer report.  Returns its log."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+                raise AssertionError(f"vdiskd did not exit on SIGTERM:\n{self.output()}")
+        self._err.close()
+        out = self.output()
+        check_sanitizers(self.argv, out)
+        assert self.proc.returncode == 0, f"vdiskd exited {self.proc.returncode}:\n{out}"
+        return out
+
+
+@pytest.fixture
+def vdiskd(tmp_path):
+    """vdiskd(image=None, fmt='raw', size=..., writable=True, opts='', null=False, blockdev_opts='') -> Vdiskd.
+    image: a file opened as node f0 (fmt qcow2: a qcow2 node q0 on top; the export serves the top node);
+    null: a null-co node.  opts: more export options (num-queues=2,...)."""
+    if not VDISKD.exists():
+        pytest.skip(f"vdiskd not built in {BUILD}")
+    started = []
+
+    def start(image=None, fmt="raw", size=256 * MiB, writable=True, opts="", null=False, blockdev_opts="",
+              extra=()):
+        sock = tmp_path / f"vd{len(started)}.sock"
+        if null:
+            bds, node = [f"driver=null-co,node-name=f0,size={size},read-zeroes=on"
+                         + (f",{blockdev_opts}" if blockdev_opts else "")], "f0"
+        else:
+            bds, node = [f"driver=file,node-name=f0,filename={image}" + (f",{blockdev_opts}" if blockdev_opts else "")], "f0"
+            if fmt == "qcow2":
+                bds.append("driver=qcow2,node-name=q0,file=f0")
+                node = "q0"
+        eo = f"node-name={node},writable={'on' if writable else 'off'}" + (f",{opts}" if opts else "")
+        d = Vdiskd(tmp_path, sock, bds, eo, extra)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()

@@ -1,0 +1,1626 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * vhost-user-blk export: vdiskd is the vhost-user back end of a virtio-blk
+ * device.  A front end (QEMU's vhost-user-blk-pci, our virtio-blk-vhost-user
+ * driver, SPDK, ...) connects to a Unix socket we listen on, shares its RAM
+ * with us (memfds passed over the socket), and places requests in split
+ * virtqueues there; we read and write the data in place (zero copy) and
+ * tell it when requests complete through eventfds.
+ *
+ * Why our own protocol code: DPDK's vhost library brings its whole runtime
+ * (EAL, hugepage memory, lcores) into the daemon, and libvhost-user is not
+ * packaged in Debian as a library (it lives in QEMU's source tree).  The
+ * protocol subset a block back end needs is small, and doing it here lets
+ * requests run as coroutines on our own event loop.  The wire format is
+ * shared with the client driver (util/vhost-user.h).
+ *
+ *   --export type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=S
+ *            [,writable=on][,num-queues=N][,queue-size=N][,logical-block-size=N]
+ *            [,iothread=T][,poll-us=N][,serial=STR]
+ *
+ * num-queues: virtqueues offered (1..64, default 1); queue-size: the largest
+ * ring a front end may set up (default 256, up to 1024; seg_max follows it);
+ * logical-block-size: blk_size in the config space (512..64k, power of two);
+ * poll-us: after a burst of requests keep checking the rings for this long
+ * (notifications off) before going back to sleep on the kick eventfds.
+ *
+ * Threads: everything of an export (the listening socket, the front end's
+ * control channel, every virtqueue and the requests) runs in the export's
+ * thread (its node's home); every virtqueue's kick eventfd is an fd handler
+ * of that thread's loop.  One front end at a time (as qemu-storage-daemon):
+ * while one is connected we do not accept, so the next waits in the listen
+ * backlog and is served when the first leaves.
+ *
+ * Control channel: one coroutine reads messages (header, payload, fds in
+ * SCM_RIGHTS) and answers them in order.  A malformed message (bad
+ * version, size, ring index or fd count) ends the connection, which resets
+ * the device: rings stop, requests in flight finish, memory is unmapped,
+ * and the next front end may connect (reconnect).  Messages that change
+ * memory (SET_MEM_TABLE) or stop a ring (GET_VRING_BASE) first wait for
+ * the requests they could affect.
+ *
+ * Requests: each avail ring entry becomes a coroutine on the node.  The
+ * descriptor chain (direct or one indirect table) is copied descriptor by
+ * descriptor out of shared memory before use, every address is translated
+ * through the memory table with bounds checks, and the chain length is
+ * bounded, so a front end that lies gets IOERR (bad buffer), UNSUPP
+ * (unknown request), or -- when the chain itself is unusable (bad index,
+ * loop, no status byte) -- a stopped virtqueue ("needs reset", logged); it
+ * never makes us touch memory outside what it shared.  Completions go to
+ * the used ring at once; the call eventfd is signalled once per loop
+ * iteration and queue (respecting EVENT_IDX / NO_INTERRUPT).
+ *
+ * Not implemented: INFLIGHT_SHMFD (a front end that reconnects resubmits
+ * what it had in flight itself: QEMU's vhost-user-blk does so only with the
+ * inflight area, so requests in flight at a disconnect are completed to the
+ * old memory and then forgotten), CONFIGURE_MEM_SLOTS, a queue->iothread
+ * mapping (all queues run in the export's thread), packed rings, migration
+ * (LOG_ALL).
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "daemon.h"
+#include "export.h"
+#include "vhost-user.h"
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "vhost-user-blk export: big-endian hosts are not supported (virtio 1.x is little-endian)"
+#endif
+
+#define VUB_MAX_QUEUES 64
+#define VUB_DEFAULT_QUEUE_SIZE 256
+#define VUB_MAX_QUEUE_SIZE 1024
+#define VUB_MAX_REGIONS VHU_MEM_TABLE_MAX
+#define VUB_MAX_CONFIG 256              /* VHOST_USER_MAX_CONFIG_SIZE */
+#define VUB_MAX_MSG (VUB_MAX_CONFIG + 12 + 64)
+#define VUB_INDIRECT_MAX 1024          /* entries in one indirect table */
+#define VUB_MAX_DWZ_SECTORS (1u << 21) /* 1 GiB per discard / write-zeroes */
+#define VUB_DWZ_SEGS 1                 /* segments per discard / write-zeroes */
+#define VUB_POLL_CHECK_EVERY 128       /* poller: look at the control socket every N spins */
+
+/* ---- state ----------------------------------------------------------------------------------------------- */
+
+struct vub_region {
+	uint64_t gpa, size, uva;
+	uint8_t *host; /* mapping of [gpa, gpa+size) */
+	void *map;
+	size_t map_len;
+};
+
+struct vub_req;
+
+struct vub_vq {
+	struct vub_conn *c;
+	unsigned idx;
+	unsigned num;
+	uint64_t desc_uva, avail_uva, used_uva;
+	bool addr_set;
+	struct vring_desc *desc; /* NULL: not translated (no mem table / addresses) */
+	struct vring_avail *avail;
+	struct vring_used *used;
+	uint16_t last_avail, used_idx, signalled_used;
+	bool signalled_valid;
+	int kick_fd, call_fd, err_fd;
+	bool started, enabled, broken;
+	bool notify_scheduled, starved;
+	unsigned inflight;
+	struct vub_req *reqs, *free_reqs;
+	unsigned nreqs;
+	struct vd_co_queue drained;
+};
+
+struct vub_conn {
+	struct vub_export *e;
+	int fd;
+	struct vdd_cofd cofd;
+	uint64_t id;
+	bool active, closing;
+	bool paused; /* waiting for requests in flight: take no new ones */
+	uint64_t features, proto;
+	bool features_set;
+	bool event_idx, indirect;
+	struct vub_region regions[VUB_MAX_REGIONS];
+	int nregions;
+	struct vub_vq vqs[VUB_MAX_QUEUES];
+	unsigned inflight;      /* every queue's */
+	bool poller_running;
+	struct vd_co_queue drained;
+};
+
+struct vub_export {
+	struct vd_export *exp;
+	char *path;
+	char *serial;
+	unsigned num_queues, queue_size, lbs, poll_us;
+	/* The export's thread. */
+	int listen_fd;
+	bool shutdown;
+	uint64_t next_id;
+	uint64_t capacity; /* bytes, a multiple of lbs */
+	struct virtio_blk_config cfg;
+	uint64_t offered;
+	struct vub_conn conn;
+	uint64_t reqs_total, bad_requests, kicks, calls;
+};
+
+struct vub_req {
+	struct vub_vq *vq;
+	struct vub_req *next_free;
+	uint16_t head;
+	struct vd_qiov out, in; /* device-readable and device-writable buffers */
+	uint8_t *status;
+	bool bad; /* a buffer did not translate */
+	uint64_t t_start;
+};
+
+/* ---- memory ---------------------------------------------------------------------------------------------- */
+
+/* Append the guest buffer [gpa, gpa+len) to q (split where regions meet); -EFAULT if any byte is unmapped. */
+static int map_gpa(struct vub_conn *c, uint64_t gpa, uint64_t len, struct vd_qiov *q)
+{
+	while (len) {
+		struct vub_region *r = NULL;
+		uint64_t n;
+
+		for (int i = 0; i < c->nregions; i++) {
+			if (gpa >= c->regions[i].gpa && gpa - c->regions[i].gpa < c->regions[i].size) {
+				r = &c->regions[i];
+				break;
+			}
+		}
+		if (!r)
+			return -EFAULT;
+		n = r->size - (gpa - r->gpa);
+		if (n > len)
+			n = len;
+		if (q && vd_qiov_add(q, r->host + (gpa - r->gpa), (size_t)n) < 0)
+			return -ENOMEM;
+		gpa += n;
+		len -= n;
+	}
+	return 0;
+}
+
+/* A pointer to [gpa, gpa+len), which must lie inside one region. */
+static void *gpa_ptr(struct vub_conn *c, uint64_t gpa, uint64_t len)
+{
+	for (int i = 0; i < c->nregions; i++) {
+		struct vub_region *r = &c->regions[i];
+
+		if (gpa >= r->gpa && gpa - r->gpa <= r->size && len <= r->size - (gpa - r->gpa))
+			return r->host + (gpa - r->gpa);
+	}
+	return NULL;
+}
+
+/* Same for a front-end virtual address (ring addresses). */
+static void *uva_ptr(struct vub_conn *c, uint64_t uva, uint64_t len)
+{
+	for (int i = 0; i < c->nregions; i++) {
+		struct vub_region *r = &c->regions[i];
+
+		if (uva >= r->uva && uva - r->uva <= r->size && len <= r->size - (uva - r->uva))
+			return r->host + (uva - r->uva);
+	}
+	return NULL;
+}
+
+static void unmap_regions(struct vub_conn *c)
+{
+	for (int i = 0; i < c->nregions; i++)
+		munmap(c->regions[i].map, c->regions[i].map_len);
+	c->nregions = 0;
+}
+
+/* ---- virtqueues: rings and notifications ----------------------------------------------------------------- */
+
+static uint16_t *avail_used_event(struct vub_vq *vq)
+{
+	return &vq->avail->ring[vq->num];
+}
+
+static uint16_t *used_avail_event(struct vub_vq *vq)
+{
+	return (uint16_t *)&vq->used->ring[vq->num];
+}
+
+/* Translate the ring addresses with the current memory table; false if they do not fit. */
+static bool vq_translate(struct vub_vq *vq)
+{
+	struct vub_conn *c = vq->c;
+
+	vq->desc = NULL;
+	vq->avail = NULL;
+	vq->used = NULL;
+	if (!vq->addr_set || !vq->num)
+		return false;
+	vq->desc = uva_ptr(c, vq->desc_uva, 16ull * vq->num);
+	vq->avail = uva_ptr(c, vq->avail_uva, 6 + 2ull * vq->num);
+	vq->used = uva_ptr(c, vq->used_uva, 6 + 8ull * vq->num);
+	if (!vq->desc || !vq->avail || !vq->used) {
+		vq->desc = NULL;
+		vq->avail = NULL;
+		vq->used = NULL;
+		return false;
+	}
+	return true;
+}
+
+static bool vq_ready(struct vub_vq *vq)
+{
+	return vq->started && vq->enabled && !vq->broken && vq->desc && !vq->c->closing && !vq->c->paused &&
+	       !vq->c->e->shutdown;
+}
+
+static void vq_fail(struct vub_vq *vq, const char *why)
+{
+	if (!vq->broken)
+		vdd_log("vhost-user-blk export '%s': virtqueue %u: %s: queue stopped until the front end resets it",
+			vq->c->e->exp->id, vq->idx, why);
+	vq->broken = true;
+	vq->c->e->bad_requests++;
+}
+
+static bool should_notify(struct vub_vq *vq)
+{
+	uint16_t old, new;
+	bool valid;
+
+	/* Our used->idx store must be visible before we read the front end's suppression state. */
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	if (!vq->c->event_idx)
+		return !(__atomic_load_n(&vq->avail->flags, __ATOMIC_RELAXED) & VRING_AVAIL_F_NO_INTERRUPT);
+	valid = vq->signalled_valid;
+	old = vq->signalled_used;
+	new = vq->signalled_used = vq->used_idx;
+	vq->signalled_valid = true;
+	return !valid || vring_need_event(__atomic_load_n(avail_used_event(vq), __ATOMIC_RELAXED), new, old);
+}
+
+static void process_vq(struct vub_vq *vq);
+
+static void notify_co(void *opaque)
+{
+	struct vub_vq *vq = opaque;
+
+	vq->notify_scheduled = false;
+	if (vq->desc && vq->call_fd >= 0 && should_notify(vq)) {
+		uint64_t one = 1;
+		ssize_t n = write(vq->call_fd, &one, sizeof(one));
+
+		(void)n; /* EAGAIN: the counter is already non-zero, the front end will look */
+		vq->c->e->calls++;
+	}
+	if (vq->starved) {
+		vq->starved = false;
+		process_vq(vq);
+	}
+}
+
+static void schedule_notify(struct vub_vq *vq)
+{
+	struct vd_co *co;
+
+	if (vq->notify_scheduled)
+		return;
+	co = vd_co_create(notify_co, vq);
+	if (!co)
+		return; /* out of memory: the next completion tries again */
+	vq->notify_scheduled = true;
+	vd_loop_schedule(vd_loop_get(), co);
+}
+
+static void push_used(struct vub_vq *vq, uint16_t head, uint32_t len)
+{
+	struct vring_used_elem *e = &vq->used->ring[vq->used_idx % vq->num];
+
+	e->id = head;
+	e->len = len;
+	__atomic_store_n(&vq->used->idx, ++vq->used_idx, __ATOMIC_RELEASE);
+}
+
+/* ---- requests ---------------------------------------------------------------------------------------------- */
+
+/* Copy one descriptor out of shared memory (the front end may change it under us). */
+static struct vring_desc read_desc(const struct vring_desc *table, unsigned i)
+{
+	struct vring_desc d;
+
+	d.addr = __atomic_load_n(&table[i].addr, __ATOMIC_RELAXED);
+	d.len = __atomic_load_n(&table[i].len, __ATOMIC_RELAXED);
+	d.flags = __atomic_load_n(&table[i].flags, __ATOMIC_RELAXED);
+	d.next = __atomic_load_n(&table[i].next, __ATOMIC_RELAXED);
+	return d;
+}
+
+static int add_buffer(struct vub_req *r, const struct vring_desc *d, bool *seen_write)
+{
+	struct vub_conn *c = r->vq->c;
+
+	if (d->flags & VRING_DESC_F_WRITE) {
+		*seen_write = true;
+		if (map_gpa(c, d->addr, d->len, &r->in) < 0)
+			r->bad = true;
+		else if (d->len)
+			r->status = (uint8_t *)r->in.iov[r->in.niov - 1].iov_base + r->in.iov[r->in.niov - 1].iov_len - 1;
+		return 0;
+	}
+	if (*seen_write)
+		return -EINVAL; /* readable after writable buffers */
+	if (map_gpa(c, d->addr, d->len, &r->out) < 0)
+		r->bad = true;
+	return 0;
+}
+
+/*
+ * Walk the chain at head into r->out / r->in.  Returns 0 (r->bad if a buffer
+ * was outside shared memory), or -EINVAL with *why when the chain itself is
+ * unusable.
+ */
+static int parse_chain(struct vub_req *r, uint16_t head, const char **why)
+{
+	struct vub_vq *vq = r->vq;
+	const struct vring_desc *table = vq->desc;
+	unsigned max = vq->num, i = head, count = 0;
+	bool seen_write = false, indirect_done = false;
+
+	vd_qiov_reset(&r->out);
+	vd_qiov_reset(&r->in);
+	r->status = NULL;
+	r->bad = false;
+	r->head = head;
+	if (head >= vq->num) {
+		*why = "descriptor head index out of range";
+		return -EINVAL;
+	}
+	for (;;) {
+		struct vring_desc d = read_desc(table, i);
+
+		if (d.flags & VRING_DESC_F_INDIRECT) {
+			if (!vq->c->indirect || indirect_done || table != vq->desc || count || (d.flags & VRING_DESC_F_NEXT)) {
+				*why = "misplaced or unnegotiated indirect descriptor";
+				return -EINVAL;
+			}
+			if (d.len == 0 || d.len % sizeof(struct vring_desc) || d.len / sizeof(struct vring_desc) > VUB_INDIRECT_MAX) {
+				*why = "bad indirect table length";
+				return -EINVAL;
+			}
+			table = gpa_ptr(vq->c, d.addr, d.len);
+			if (!table || (uintptr_t)table % 8) {
+				*why = "indirect table outside shared memory";
+				return -EINVAL;
+			}
+			indirect_done = true;
+			max = d.len / sizeof(struct vring_desc);
+			i = 0;
+			continue;
+		}
+		if (++count > max) {
+			*why = "descriptor chain too long or looping";
+			return -EINVAL;
+		}
+		if (add_buffer(r, &d, &seen_write) < 0) {
+			*why = "device-readable descriptor after a device-writable one";
+			return -EINVAL;
+		}
+		if (!(d.flags & VRING_DESC_F_NEXT))
+			break;
+		i = d.next;
+		if (i >= max) {
+			*why = "next descriptor index out of range";
+			return -EINVAL;
+		}
+	}
+	if (!r->status) {
+		*why = "request without a status byte";
+		return -EINVAL;
+	}
+	return 0;
+}
+
+static enum vd_io_op io_op(uint32_t type)
+{
+	switch (type) {
+	case VIRTIO_BLK_T_IN:
+		return VD_IO_READ;
+	case VIRTIO_BLK_T_OUT:
+		return VD_IO_WRITE;
+	case VIRTIO_BLK_T_FLUSH:
+		return VD_IO_FLUSH;
+	case VIRTIO_BLK_T_DISCARD:
+		return VD_IO_DISCARD;
+	case VIRTIO_BLK_T_WRITE_ZEROES:
+		return VD_IO_WRITE_ZEROES;
+	default:
+		return VD_IO__MAX;
+	}
+}
+
+/* Is [sector, +bytes) inside the disk and aligned to the logical block size? */
+static bool range_ok(struct vub_export *e, uint64_t sector, uint64_t bytes)
+{
+	uint64_t off;
+
+	if (sector > e->capacity / VIRTIO_BLK_SECTOR)
+		return false;
+	off = sector * VIRTIO_BLK_SECTOR;
+	return off % e->lbs == 0 && bytes % e->lbs == 0 && bytes <= e->capacity - off;
+}
+
+static uint8_t do_dwz(struct vub_req *r, uint32_t type)
+{
+	struct vub_export *e = r->vq->c->e;
+	struct vd_bnode *bs = e->exp->bs;
+	size_t segs_bytes = r->out.size - sizeof(struct virtio_blk_outhdr);
+	struct virtio_blk_dwz seg;
+	int ret;
+
+	if (!e->exp->writable)
+		return VIRTIO_BLK_S_IOERR;
+	if (segs_bytes == 0 || segs_bytes % sizeof(seg) || segs_bytes / sizeof(seg) > VUB_DWZ_SEGS)
+		return VIRTIO_BLK_S_UNSUPP;
+	for (size_t o = sizeof(struct virtio_blk_outhdr); o < r->out.size; o += sizeof(seg)) {
+		vd_qiov_to_buf(&r->out, o, &seg, sizeof(seg));
+		if (type == VIRTIO_BLK_T_DISCARD ? seg.flags != 0 : (seg.flags & ~VIRTIO_BLK_WZ_F_UNMAP) != 0)
+			return VIRTIO_BLK_S_UNSUPP;
+		if (seg.num_sectors > VUB_MAX_DWZ_SECTORS ||
+		    !range_ok(e, seg.sector, (uint64_t)seg.num_sectors * VIRTIO_BLK_SECTOR))
+			return VIRTIO_BLK_S_IOERR;
+		if (type == VIRTIO_BLK_T_DISCARD) {
+			ret = vd_bnode_co_pdiscard(bs, seg.sector * VIRTIO_BLK_SECTOR,
+						   (uint64_t)seg.num_sectors * VIRTIO_BLK_SECTOR);
+			if (ret == -ENOTSUP)
+				ret = 0; /* discard is a hint */
+		} else {
+			ret = vd_bnode_co_pwrite_zeroes(bs, seg.sector * VIRTIO_BLK_SECTOR,
+							(uint64_t)seg.num_sectors * VIRTIO_BLK_SECTOR,
+							(seg.flags & VIRTIO_BLK_WZ_F_UNMAP) ? VD_BREQ_MAY_UNMAP : 0);
+		}
+		if (ret < 0)
+			return VIRTIO_BLK_S_IOERR;
+	}
+	return VIRTIO_BLK_S_OK;
+}
+
+/* Serve one request; returns the status and the bytes written to device-writable memory in *written. */
+static uint8_t serve(struct vub_req *r, uint32_t type, uint64_t sector, uint32_t *written)
+{
+	struct vub_export *e = r->vq->c->e;
+	struct vd_bnode *bs = e->exp->bs;
+	size_t in_data = r->in.size - 1; /* the status byte is the last device-writable byte */
+	size_t out_data = r->out.size - sizeof(struct virtio_blk_outhdr);
+	int ret;
+
+	*written = 1;
+	switch (type) {
+	case VIRTIO_BLK_T_IN:
+		if (!range_ok(e, sector, in_data))
+			return VIRTIO_BLK_S_IOERR;
+		ret = in_data ? vd_bnode_co_preadv(bs, sector * VIRTIO_BLK_SECTOR, in_data, &r->in, 0, 0) : 0;
+		*written = (uint32_t)(in_data + 1);
+		return ret < 0 ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK;
+	case VIRTIO_BLK_T_OUT:
+		if (!e->exp->writable || !range_ok(e, sector, out_data))
+			return VIRTIO_BLK_S_IOERR;
+		ret = out_data ? vd_bnode_co_pwritev(bs, sector * VIRTIO_BLK_SECTOR, out_data, &r->out,
+						     sizeof(struct virtio_blk_outhdr), 0)
+			       : 0;
+		return ret < 0 ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK;
+	case VIRTIO_BLK_T_FLUSH:
+		return vd_bnode_co_flush(bs) < 0 ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK;
+	case VIRTIO_BLK_T_GET_ID: {
+		char id[VIRTIO_BLK_ID_BYTES] = { 0 };
+		size_t n = in_data < sizeof(id) ? in_data : sizeof(id);
+
+		memcpy(id, e->serial, strnlen(e->serial, sizeof(id)));
+		vd_qiov_from_buf(&r->in, 0, id, n);
+		*written = (uint32_t)(n + 1);
+		return VIRTIO_BLK_S_OK;
+	}
+	case VIRTIO_BLK_T_DISCARD:
+	case VIRTIO_BLK_T_WRITE_ZEROES:
+		if (!(e->offered & BIT(type == VIRTIO_BLK_T_DISCARD ? VIRTIO_BLK_F_DISCARD : VIRTIO_BLK_F_WRITE_ZEROES)))
+			return VIRTIO_BLK_S_UNSUPP;
+		return do_dwz(r, type);
+	default:
+		(void)out_data;
+		return VIRTIO_BLK_S_UNSUPP;
+	}
+}
+
+static void req_done(struct vub_req *r, uint8_t status, uint32_t written)
+{
+	struct vub_vq *vq = r->vq;
+	struct vub_conn *c = vq->c;
+
+	*r->status = status;
+	push_used(vq, r->head, written);
+	schedule_notify(vq);
+	r->next_free = vq->free_reqs;
+	vq->free_reqs = r;
+	vq->inflight--;
+	c->inflight--;
+	if (vq->inflight == 0)
+		vd_co_queue_wake_all(&vq->drained);
+	if (c->inflight == 0)
+		vd_co_queue_wake_all(&c->drained);
+}
+
+static void req_co(void *opaque)
+{
+	struct vub_req *r = opaque;
+	struct vub_export *e = r->vq->c->e;
+	struct vd_export *exp = e->exp;
+	struct virtio_blk_outhdr h;
+	uint32_t written = 1;
+	uint8_t status;
+	uint64_t t_io = vdd_now_ns(), t_end;
+	enum vd_io_op op = VD_IO__MAX;
+
+	if (r->bad || r->out.size < sizeof(h)) {
+		e->bad_requests++;
+		status = VIRTIO_BLK_S_IOERR;
+	} else {
+		vd_qiov_to_buf(&r->out, 0, &h, sizeof(h));
+		op = io_op(h.type);
+		status = serve(r, h.type, h.sector, &written);
+	}
+	t_end = vdd_now_ns();
+	if (op != VD_IO__MAX) {
+		uint64_t bytes = op == VD_IO_READ ? r->in.size - 1
+				 : op == VD_IO_WRITE ? r->out.size - sizeof(h)
+						     : 0;
+
+		vd_io_stats_account(&exp->stats, op, bytes, t_end - r->t_start, status != VIRTIO_BLK_S_OK);
+		if (exp->node_stats)
+			vd_io_stats_account(exp->node_stats, op, bytes, t_end - t_io, status != VIRTIO_BLK_S_OK);
+	}
+	req_done(r, status, written);
+}
+
+/* Take new requests off vq's avail ring; true if there were any. */
+static bool take_requests(struct vub_vq *vq)
+{
+	bool any = false;
+
+	while (vq_ready(vq)) {
+		uint16_t avail_idx = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE), head;
+		struct vub_req *r;
+		const char *why = NULL;
+		struct vd_co *co;
+
+		if (avail_idx == vq->last_avail)
+			break;
+		if ((uint16_t)(avail_idx - vq->last_avail) > vq->num) {
+			vq_fail(vq, "avail index moved by more than the ring size");
+			break;
+		}
+		r = vq->free_reqs;
+		if (!r) {
+			vq->starved = true; /* a completion resumes us */
+			break;
+		}
+		head = __atomic_load_n(&vq->avail->ring[vq->last_avail % vq->num], __ATOMIC_RELAXED);
+		if (parse_chain(r, head, &why) < 0) {
+			vq_fail(vq, why);
+			break;
+		}
+		vq->last_avail++;
+		vq->free_reqs = r->next_free;
+		vq->inflight++;
+		vq->c->inflight++;
+		vq->c->e->reqs_total++;
+		r->t_start = vdd_now_ns();
+		any = true;
+		co = vd_co_create(req_co, r);
+		if (!co) {
+			req_done(r, VIRTIO_BLK_S_IOERR, 1);
+			continue;
+		}
+		vd_co_enter(co);
+	}
+	return any;
+}
+
+static void set_avail_event(struct vub_vq *vq)
+{
+	if (vq->c->event_idx)
+		__atomic_store_n(used_avail_event(vq), vq->last_avail, __ATOMIC_RELAXED);
+}
+
+static void start_poller(struct vub_conn *c);
+
+static void process_vq(struct vub_vq *vq)
+{
+	for (;;) {
+		take_requests(vq);
+		if (!vq_ready(vq) || vq->starved)
+			return;
+		/* Ask for a kick at the next request, then look once more (it may have raced with us). */
+		set_avail_event(vq);
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		if (__atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE) == vq->last_avail)
+			break;
+	}
+	if (vq->c->e->poll_us)
+		start_poller(vq->c);
+}
+
+static void kick_event(void *opaque, int fd, int revents)
+{
+	struct vub_vq *vq = opaque;
+	uint64_t n;
+	ssize_t r = read(fd, &n, sizeof(n));
+
+	(void)r;
+	(void)revents;
+	vq->c->e->kicks++;
+	process_vq(vq);
+}
+
+/*
+ * Adaptive polling (poll-us): while requests keep coming, look at the avail
+ * rings every loop iteration with kicks suppressed; after poll-us without a
+ * new request, turn kicks back on and sleep.
+ */
+static void set_no_notify(struct vub_conn *c, bool on)
+{
+	for (unsigned i = 0; i < c->e->num_queues; i++) {
+		struct vub_vq *vq = &c->vqs[i];
+
+		if (!vq->started || !vq->desc || vq->broken)
+			continue;
+		if (c->event_idx) {
+			/* With EVENT_IDX the flag is ignored: move avail_event out of reach instead. */
+			__atomic_store_n(used_avail_event(vq), on ? (uint16_t)(vq->last_avail - 1) : vq->last_avail,
+					 __ATOMIC_RELAXED);
+		} else {
+			__atomic_store_n(&vq->used->flags, on ? VRING_USED_F_NO_NOTIFY : 0, __ATOMIC_RELAXED);
+		}
+	}
+}
+
+static bool control_pending(struct vub_conn *c)
+{
+	struct pollfd p = { .fd = c->fd, .events = POLLIN };
+
+	return poll(&p, 1, 0) > 0;
+}
+
+static void poller_co(void *opaque)
+{
+	struct vub_conn *c = opaque;
+	uint64_t idle_since = vdd_now_ns(), spins = 0;
+
+	set_no_notify(c, true);
+	while (c->active && !c->closing && !c->paused && !c->e->shutdown) {
+		bool any = false;
+
+		for (unsigned i = 0; i < c->e->num_queues; i++)
+			any |= take_requests(&c->vqs[i]);
+		if (any)
+			idle_since = vdd_now_ns();
+		else if (vdd_now_ns() - idle_since > (uint64_t)c->e->poll_us * 1000)
+			break;
+		if (++spins % VUB_POLL_CHECK_EVERY == 0 && control_pending(c))
+			break; /* let the loop read the control socket */
+		vd_loop_schedule(vd_loop_get(), vd_co_self());
+		vd_co_yield();
+	}
+	c->poller_running = false;
+	if (c->active && !c->closing) {
+		set_no_notify(c, false);
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		for (unsigned i = 0; i < c->e->num_queues; i++)
+			take_requests(&c->vqs[i]); /* what arrived while kicks were off (nothing when paused) */
+	}
+	vd_co_queue_wake_all(&c->drained);
+}
+
+static void start_poller(struct vub_conn *c)
+{
+	struct vd_co *co;
+
+	if (c->poller_running || c->closing)
+		return;
+	co = vd_co_create(poller_co, c);
+	if (!co)
+		return;
+	c->poller_running = true;
+	vd_loop_schedule(vd_loop_get(), co);
+}
+
+/* ---- virtqueue lifecycle ------------------------------------------------------------------------------------ */
+
+static void close_fd(int *fd)
+{
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+}
+
+static void vq_stop_kick(struct vub_vq *vq)
+{
+	if (vq->kick_fd >= 0)
+		vd_loop_del_fd_handler(vd_loop_get(), vq->kick_fd);
+	close_fd(&vq->kick_fd);
+	vq->started = false;
+}
+
+static void vq_wait_idle(struct vub_vq *vq)
+{
+	while (vq->inflight)
+		vd_co_queue_wait(&vq->drained, NULL);
+}
+
+static void vq_reset(struct vub_vq *vq)
+{
+	vq_stop_kick(vq);
+	close_fd(&vq->call_fd);
+	close_fd(&vq->err_fd);
+	vq->num = 0;
+	vq->addr_set = false;
+	vq->desc = NULL;
+	vq->avail = NULL;
+	vq->used = NULL;
+	vq->last_avail = vq->used_idx = vq->signalled_used = 0;
+	vq->signalled_valid = false;
+	vq->enabled = false;
+	vq->broken = false;
+	vq->starved = false;
+}
+
+static int vq_alloc_reqs(struct vub_vq *vq, unsigned n)
+{
+	if (vq->nreqs >= n)
+		return 0;
+	for (unsigned i = 0; i < vq->nreqs; i++) {
+		vd_qiov_destroy(&vq->reqs[i].out);
+		vd_qiov_destroy(&vq->reqs[i].in);
+	}
+	free(vq->reqs);
+	vq->nreqs = 0;
+	vq->free_reqs = NULL;
+	vq->reqs = calloc(n, sizeof(*vq->reqs));
+	if (!vq->reqs)
+		return -ENOMEM;
+	vq->nreqs = n;
+	for (unsigned i = 0; i < n; i++) {
+		struct vub_req *r = &vq->reqs[n - 1 - i];
+
+		r->vq = vq;
+		vd_qiov_init(&r->out);
+		vd_qiov_init(&r->in);
+		r->next_free = vq->free_reqs;
+		vq->free_reqs = r;
+	}
+	return 0;
+}
+
+static void vq_free_reqs(struct vub_vq *vq)
+{
+	for (unsigned i = 0; i < vq->nreqs; i++) {
+		vd_qiov_destroy(&vq->reqs[i].out);
+		vd_qiov_destroy(&vq->reqs[i].in);
+	}
+	free(vq->reqs);
+	vq->reqs = NULL;
+	vq->free_reqs = NULL;
+	vq->nreqs = 0;
+}
+
+/* Make vq serve its ring if everything it needs is there. */
+static void vq_maybe_start(struct vub_vq *vq)
+{
+	if (vq->kick_fd < 0 || !vq->desc || vq->started)
+		return;
+	if (vq_alloc_reqs(vq, vq->num) < 0) {
+		vq_fail(vq, "out of memory");
+		return;
+	}
+	if (vd_loop_set_fd_handler(vd_loop_get(), vq->kick_fd, POLLIN, kick_event, vq) < 0) {
+		vq_fail(vq, "cannot watch the kick eventfd");
+		return;
+	}
+	vq->started = true;
+	/* The front end may have queued requests before it gave us the kick fd. */
+	process_vq(vq);
+}
+
+/* ---- the control channel ------------------------------------------------------------------------------------ */
+
+struct vub_msg {
+	struct vhu_hdr hdr;
+	union {
+		uint64_t u64;
+		struct vhu_vring_state state;
+		struct vhu_vring_addr addr;
+		struct vhu_mem_table mem;
+		struct vhu_config config;
+		uint8_t raw[VUB_MAX_MSG];
+	} p;
+	int fds[VHU_MEM_TABLE_MAX];
+	int nfds;
+};
+
+static void msg_close_fds(struct vub_msg *m)
+{
+	for (int i = 0; i < m->nfds; i++)
+		close_fd(&m->fds[i]);
+	m->nfds = 0;
+}
+
+/* Read up to len bytes (fds too, when fds != NULL); 0 = EOF, <0 error or closing. */
+static ssize_t recv_some(struct vub_conn *c, void *buf, size_t len, struct vub_msg *m)
+{
+	for (;;) {
+		struct iovec iov = { .iov_base = buf, .iov_len = len };
+		union {
+			char buf[CMSG_SPACE(sizeof(int) * VHU_MEM_TABLE_MAX)];
+			struct cmsghdr align;
+		} u;
+		struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+				     .msg_controllen = sizeof(u.buf) };
+		ssize_t n;
+
+		if (c->closing || c->e->shutdown)
+			return -ECANCELED;
+		n = recvmsg(c->fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+			vdd_cofd_wait(&c->cofd, POLLIN);
+			continue;
+		}
+		if (n < 0)
+			return -errno;
+		for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
+			if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+				continue;
+			for (size_t i = 0; i < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int); i++) {
+				int fd;
+
+				memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
+				if (m->nfds < VHU_MEM_TABLE_MAX)
+					m->fds[m->nfds++] = fd;
+				else
+					close(fd);
+			}
+		}
+		if (mh.msg_flags & MSG_CTRUNC)
+			return -EMSGSIZE;
+		return n;
+	}
+}
+
+static int recv_exact(struct vub_conn *c, void *buf, size_t len, struct vub_msg *m)
+{
+	size_t done = 0;
+
+	while (done < len) {
+		ssize_t n = recv_some(c, (uint8_t *)buf + done, len - done, m);
+
+		if (n <= 0)
+			return n == 0 ? -ECONNRESET : (int)n;
+		done += (size_t)n;
+	}
+	return 0;
+}
+
+/* Read one message; -errno (EPROTO: malformed) ends the connection. */
+static int recv_msg(struct vub_conn *c, struct vub_msg *m, const char **why)
+{
+	int ret;
+
+	m->nfds = 0;
+	ret = recv_exact(c, &m->hdr, sizeof(m->hdr), m);
+	if (ret < 0)
+		return ret;
+	if ((m->hdr.flags & VHU_VERSION_MASK) != VHU_VERSION) {
+		*why = "unsupported protocol version";
+		return -EPROTO;
+	}
+	if (m->hdr.size > sizeof(m->p)) {
+		*why = "message payload too large";
+		return -EPROTO;
+	}
+	return recv_exact(c, &m->p, m->hdr.size, m);
+}
+
+static int send_all(struct vub_conn *c, const void *buf, size_t len)
+{
+	size_t done = 0;
+
+	while (done < len) {
+		ssize_t n = send(c->fd, (const uint8_t *)buf + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+			if (c->closing || c->e->shutdown)
+				return -ECANCELED;
+			vdd_cofd_wait(&c->cofd, POLLOUT);
+			continue;
+		}
+		if (n < 0)
+			return -errno;
+		done += (size_t)n;
+	}
+	return 0;
+}
+
+static int send_reply(struct vub_conn *c, const struct vub_msg *req, const void *payload, uint32_t size)
+{
+	struct {
+		struct vhu_hdr hdr;
+		uint8_t p[VUB_MAX_MSG];
+	} out;
+
+	out.hdr.request = req->hdr.request;
+	out.hdr.flags = VHU_VERSION | VHU_FLAG_REPLY;
+	out.hdr.size = size;
+	memcpy(out.p, payload, size);
+	return send_all(c, &out, sizeof(out.hdr) + size);
+}
+
+static int reply_u64(struct vub_conn *c, const struct vub_msg *req, uint64_t v)
+{
+	return send_reply(c, req, &v, sizeof(v));
+}
+
+/* ---- message handlers ---------------------------------------------------------------------------------------- */
+
+/* Result of a handler: 0 ok, >0 failed (reported with REPLY_ACK), <0 protocol error (hang up). */
+#define MSG_FAILED 1
+
+static int need_payload(struct vub_msg *m, size_t size, const char **why)
+{
+	if (m->hdr.size < size) {
+		*why = "payload too short";
+		return -EPROTO;
+	}
+	return 0;
+}
+
+static struct vub_vq *msg_vq(struct vub_conn *c, uint32_t index, const char **why)
+{
+	if (index >= c->e->num_queues) {
+		*why = "virtqueue index out of range";
+		return NULL;
+	}
+	return &c->vqs[index];
+}
+
+/* Take no new requests and wait for those in flight (and the poller) to finish. */
+static void conn_pause(struct vub_conn *c)
+{
+	c->paused = true;
+	while (c->inflight || c->poller_running)
+		vd_co_queue_wait(&c->drained, NULL);
+}
+
+/* Serve the rings again, including what was kicked while paused. */
+static void conn_resume(struct vub_conn *c)
+{
+	c->paused = false;
+	for (unsigned i = 0; i < c->e->num_queues; i++)
+		if (vq_ready(&c->vqs[i]))
+			process_vq(&c->vqs[i]);
+}
+
+static int h_set_mem_table(struct vub_conn *c, struct vub_msg *m, const char **why)
+{
+	struct vhu_mem_table *t = &m->p.mem;
+	struct vub_region nr[VUB_MAX_REGIONS];
+
+	if (need_payload(m, 8, why) < 0)
+		return -EPROTO;
+	if (t->nregions == 0 || t->nregions > VUB_MAX_REGIONS || m->hdr.size < 8 + 32ull * t->nregions ||
+	    (unsigned)m->nfds != t->nregions) {
+		*why = "bad memory table (region count, size or fds)";
+		return -EPROTO;
+	}
+	for (uint32_t i = 0; i < t->nregions; i++) {
+		struct vhu_mem_region *r = &t->regions[i];
+		uint64_t len = r->memory_size + r->mmap_offset;
+		void *p;
+
+		if (!r->memory_size || len < r->memory_size || len > SIZE_MAX || r->guest_phys_addr + r->memory_size < r->guest_phys_addr ||
+		    r->userspace_addr + r->memory_size < r->userspace_addr) {
+			*why = "bad memory region";
+			for (uint32_t j = 0; j < i; j++)
+				munmap(nr[j].map, nr[j].map_len);
+			return -EPROTO;
+		}
+		p = mmap(NULL, (size_t)len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, m->fds[i], 0);
+		if (p == MAP_FAILED) {
+			vdd_log("vhost-user-blk export '%s': cannot map a memory region of %" PRIu64 " bytes: %s",
+				c->e->exp->id, len, strerror(errno));
+			for (uint32_t j = 0; j < i; j++)
+				munmap(nr[j].map, nr[j].map_len);
+			return MSG_FAILED;
+		}
+		nr[i] = (struct vub_region){ .gpa = r->guest_phys_addr, .size = r->memory_size, .uva = r->userspace_addr,
+					     .host = (uint8_t *)p + r->mmap_offset, .map = p, .map_len = (size_t)len };
+	}
+	/* Requests in flight point into the old mappings. */
+	conn_pause(c);
+	unmap_regions(c);
+	memcpy(c->regions, nr, sizeof(nr[0]) * t->nregions);
+	c->nregions = (int)t->nregions;
+	for (unsigned i = 0; i < c->e->num_queues; i++) {
+		struct vub_vq *vq = &c->vqs[i];
+
+		if (vq->addr_set && !vq_translate(vq))
+			vq_fail(vq, "rings outside the new memory table");
+	}
+	conn_resume(c);
+	for (unsigned i = 0; i < c->e->num_queues; i++)
+		vq_maybe_start(&c->vqs[i]);
+	return 0;
+}
+
+static int h_vring_num(struct vub_conn *c, struct vub_msg *m, const char **why)
+{
+	struct vub_vq *vq;
+
+	if (need_payload(m, sizeof(m->p.state), why) < 0 || !(vq = msg_vq(c, m->p.state.index, why)))
+		return -EPROTO;
+	if (vq->started) {
+		*why = "SET_VRING_NUM on a running ring";
+		return -EPROTO;
+	}
+	if (m->p.state.num == 0 || m->p.state.num > c->e->queue_size || (m->p.state.num & (m->p.state.num - 1))) {
+		vdd_log("vhost-user-blk export '%s': ring size %u refused (power of two up to queue-size=%u)",
+			c->e->exp->id, m->p.state.num, c->e->queue_size);
+		return MSG_FAILED;
+	}
+	vq->num = m->p.state.num;
+	if (vq->addr_set)
+		vq_translate(vq);
+	return 0;
+}
+
+static int h_vring_addr(struct vub_conn *c, struct vub_msg *m, const char **why)
+{
+	struct vhu_vring_addr *a = &m->p.addr;
+	struct vub_vq *vq;
+
+	if (need_payload(m, sizeof(*a), why) < 0 || !(vq = msg_vq(c, a->index, why)))
+		return -EPROTO;
+	if (a->desc_user_addr % 16 || a->avail_user_addr % 2 || a->used_user_addr % 4) {
+		*why = "misaligned ring address";
+		return -EPROTO;
+	}
+	vq->desc_uva = a->desc_user_addr;
+	vq->avail_uva = a->avail_user_addr;
+	vq->used_uva = a->used_user_addr;
+	vq->addr_set = true;
+	if (!vq_translate(vq)) {
+		vdd_log("vhost-user-blk export '%s': virtqueue %u: ring addresses outside shared memory", c->e->exp->id,
+			vq->idx);
+		return MSG_FAILED;
+	}
+	vq->used_idx = __atomic_load_n(&vq->used->idx, __ATOMIC_RELAXED);
+	vq->signalled_valid = false;
+	vq_maybe_start(vq);
+	return 0;
+}
+
+static int h_vring_base(struct vub_conn *c, struct vub_msg *m, const char **why)
+{
+	struct vub_vq *vq;
+
+	if (need_payload(m, sizeof(m->p.state), why) < 0 || !(vq = msg_vq(c, m->p.state.index, why)))
+		return -EPROTO;
+	vq->last_avail = (uint16_t)m->p.state.num;
+	vq->used_idx = (uint16_t)m->p.state.num;
+	return 0;
+}
+
+static int h_get_vring_base(struct vub_conn *c, struct vub_msg *m, const char **why)
+{
+	struct vhu_vring_state st;
+	struct vub_vq *vq;
+
+	if (need_payload(m, sizeof(m->p.state), why) < 0 || !(vq = msg_vq(c, m->p.state.index, why)))
+		return -EPROTO;
+	vq_stop_kick(vq);
+	/* The front end owns the ring again once we answer: finish what we took from it first. */
+	vq_wait_idle(vq);
+	st.index = vq->idx;
+	st.num = vq->last_avail;
+	close_fd(&vq->call_fd);
+	vq->broken = false;
+	vq->enabled = false;
+	return send_reply(c, m, &st, sizeof(st)) < 0 ? -EIO : 0;
+}
+
+/* SET_VRING_KICK / CALL / ERR: u64 = index | NOFD flag, and one fd unless NOFD. */
+static int h_vring_fd(struct vub_conn *c, struct vub_msg *m, const char **why)
+{
+	uint64_t v;
+	struct vub_vq *vq;
+	int fd = -1;
+
+	if (need_payload(m, sizeof(uint64_t), why) < 0)
+		return -EPROTO;
+	v = m->p.u64;
+	if (!(vq = msg_vq(c, (uint32_t)(v & VHU_VRING_IDX_MASK), why)))
+		return -EPROTO;
+	if (v & VHU_VRING_NOFD) {
+		if (m->nfds) {
+			*why = "fd sent with the no-fd flag";
+			return -EPROTO;
+		}
+	} else {
+		if (m->nfds != 1) {
+			*why = "expected exactly one fd";
+			return -EPROTO;
+		}
+		fd = m->fds[0];
+		m->fds[0] = -1;
+		m->nfds = 0;
+	}
+	switch (m->hdr.request) {
+	case VHU_SET_VRING_KICK:
+		vq_stop_kick(vq);
+		vq->kick_fd = fd;
+		if (fd < 0) {
+			vdd_log("vhost-user-blk export '%s': virtqueue %u: polling without a kick fd is not supported",
+				c->e->exp->id, vq->idx);
+			return MSG_FAILED;
+		}
+		/* Without PROTOCOL_FEATURES a ring is enabled as soon as it starts. */
+		if (!(c->features & BIT(VHOST_USER_F_PROTOCOL_FEATURES)))
+			vq->enabled = true;
+		vq_maybe_start(vq);
+		break;
+	case VHU_SET_VRING_CALL:
+		close_fd(&vq->call_fd);
+		vq->call_fd = fd;
+		vq->signalled_valid = false;
+		break;
+	default:
+		close_fd(&vq->err_fd);
+		vq->err_fd = fd;
+		break;
+	}
+	return 0;
+}
+
+static int h_vring_enable(struct vub_conn *c, struct vub_msg *m, const char **why)
+{
+	struct vub_vq *vq;
+
+	if (need_payload(m, sizeof(m->p.state), why) < 0 || !(vq = msg_vq(c, m->p.state.index, why)))
+		return -EPROTO;
+	vq->enabled = m->p.state.num != 0;
+	if (vq->enabled && vq->started)
+		process_vq(vq);
+	return 0;
+}
+
+static int h_get_config(struct vub_conn *c, struct vub_msg *m, const char **why)
+{
+	uint8_t space[VUB_MAX_CONFIG] = { 0 };
+	struct vhu_config *cfg = &m->p.config;
+	struct {
+		uint32_t offset, size, flags;
+		uint8_t data[VUB_MAX_CONFIG];
+	} __attribute__((packed)) out;
+
+	if (need_payload(m, 12, why) < 0)
+		return -EPROTO;
+	if (cfg->offset > VUB_MAX_CONFIG || cfg->size > VUB_MAX_CONFIG - cfg->offset || m->hdr.size < 12 + cfg->size) {
+		*why = "bad config space range";
+		return -EPROTO;
+	}
+	memcpy(space, &c->e->cfg, sizeof(c->e->cfg));
+	out.offset = cfg->offset;
+	out.size = cfg->size;
+	out.flags = cfg->flags;
+	memcpy(out.data, space + cfg->offset, cfg->size);
+	return send_reply(c, m, &out, 12 + cfg->size) < 0 ? -EIO : 0;
+}
+
+static const char *request_name(uint32_t r)
+{
+	static const char *const names[] = {
+		[VHU_GET_FEATURES] = "GET_FEATURES",
+		[VHU_SET_FEATURES] = "SET_FEATURES",
+		[VHU_SET_OWNER] = "SET_OWNER",
+		[VHU_RESET_OWNER] = "RESET_OWNER",
+		[VHU_SET_MEM_TABLE] = "SET_MEM_TABLE",
+		[VHU_SET_VRING_NUM] = "SET_VRING_NUM",
+		[VHU_SET_VRING_ADDR] = "SET_VRING_ADDR",
+		[VHU_SET_VRING_BASE] = "SET_VRING_BASE",
+		[VHU_GET_VRING_BASE] = "GET_VRING_BASE",
+		[VHU_SET_VRING_KICK] = "SET_VRING_KICK",
+		[VHU_SET_VRING_CALL] = "SET_VRING_CALL",
+		[VHU_SET_VRING_ERR] = "SET_VRING_ERR",
+		[VHU_GET_PROTOCOL_FEATURES] = "GET_PROTOCOL_FEATURES",
+		[VHU_SET_PROTOCOL_FEATURES] = "SET_PROTOCOL_FEATURES",
+		[VHU_GET_QUEUE_NUM] = "GET_QUEUE_NUM",
+		[VHU_SET_VRING_ENABLE] = "SET_VRING_ENABLE",
+		[VHU_GET_CONFIG] = "GET_CONFIG",
+		[VHU_SET_CONFIG] = "SET_CONFIG",
+	};
+
+	return r < sizeof(names) / sizeof(names[0]) && names[r] ? names[r] : "?";
+}
+
+static void conn_reset_rings(struct vub_conn *c);
+
+/* Handle one message; returns like the handlers (replies of their own are sent here). */
+static int handle(struct vub_conn *c, struct vub_msg *m, bool *replied, const char **why)
+{
+	const uint64_t proto_offered = BIT(VHU_PF_MQ) | BIT(VHU_PF_REPLY_ACK) | BIT(VHU_PF_CONFIG);
+	struct vub_export *e = c->e;
+
+	*replied = true;
+	switch (m->hdr.request) {
+	case VHU_GET_FEATURES:
+		return reply_u64(c, m, e->offered) < 0 ? -EIO : 0;
+	case VHU_GET_PROTOCOL_FEATURES:
+		return reply_u64(c, m, proto_offered) < 0 ? -EIO : 0;
+	case VHU_GET_QUEUE_NUM:
+		return reply_u64(c, m, e->num_queues) < 0 ? -EIO : 0;
+	case VHU_GET_VRING_BASE:
+		return h_get_vring_base(c, m, why);
+	case VHU_GET_CONFIG:
+		return h_get_config(c, m, why);
+	}
+	*replied = false;
+	switch (m->hdr.request) {
+	case VHU_SET_FEATURES:
+		if (need_payload(m, 8, why) < 0)
+			return -EPROTO;
+		if (m->p.u64 & ~e->offered) {
+			vdd_log("vhost-user-blk export '%s': front end acknowledged features %#" PRIx64 " we did not offer",
+				e->exp->id, m->p.u64 & ~e->offered);
+			return MSG_FAILED;
+		}
+		c->features = m->p.u64;
+		c->features_set = true;
+		c->event_idx = c->features & BIT(VIRTIO_RING_F_EVENT_IDX);
+		c->indirect = c->features & BIT(VIRTIO_RING_F_INDIRECT_DESC);
+		return 0;
+	case VHU_SET_PROTOCOL_FEATURES:
+		if (need_payload(m, 8, why) < 0)
+			return -EPROTO;
+		c->proto = m->p.u64 & proto_offered;
+		return 0;
+	case VHU_SET_OWNER:
+		return 0;
+	case VHU_RESET_OWNER:
+		conn_reset_rings(c);
+		return 0;
+	case VHU_SET_MEM_TABLE:
+		return h_set_mem_table(c, m, why);
+	case VHU_SET_VRING_NUM:
+		return h_vring_num(c, m, why);
+	case VHU_SET_VRING_ADDR:
+		return h_vring_addr(c, m, why);
+	case VHU_SET_VRING_BASE:
+		return h_vring_base(c, m, why);
+	case VHU_SET_VRING_KICK:
+	case VHU_SET_VRING_CALL:
+	case VHU_SET_VRING_ERR:
+		return h_vring_fd(c, m, why);
+	case VHU_SET_VRING_ENABLE:
+		return h_vring_enable(c, m, why);
+	case VHU_SET_CONFIG:
+		return MSG_FAILED; /* nothing in our config space is writable (no CONFIG_WCE) */
+	default:
+		vdd_log("vhost-user-blk export '%s': unsupported request %u", e->exp->id, m->hdr.request);
+		return MSG_FAILED;
+	}
+}
+
+/* ---- connections ----------------------------------------------------------------------------------------------- */
+
+/* Stop every ring and wait for the requests in flight (RESET_OWNER, disconnect). */
+static void conn_reset_rings(struct vub_conn *c)
+{
+	for (unsigned i = 0; i < c->e->num_queues; i++)
+		vq_stop_kick(&c->vqs[i]);
+	conn_pause(c);
+	for (unsigned i = 0; i < c->e->num_queues; i++)
+		vq_reset(&c->vqs[i]);
+	c->paused = false;
+}
+
+static void listen_again(struct vub_export *e);
+
+static void conn_co(void *opaque)
+{
+	struct vub_conn *c = opaque;
+	struct vub_export *e = c->e;
+	struct vd_export *exp = e->exp;
+	struct vub_msg *m = malloc(sizeof(*m));
+	const char *why = NULL;
+	char peer[64];
+
+	snprintf(peer, sizeof(peer), "unix:%s", e->path);
+	exp->connections++;
+	exp->connections_total++;
+	vd_export_client_event(exp, true, c->id, peer);
+	vdd_log("vhost-user-blk export '%s': front end %" PRIu64 " connected", exp->id, c->id);
+	while (m) {
+		bool replied;
+		int ret;
+
+		why = NULL;
+		ret = recv_msg(c, m, &why);
+		if (ret < 0)
+			break;
+		if (vdd_verbose)
+			vdd_log("vhost-user-blk export '%s': %s (%u)", exp->id, request_name(m->hdr.request),
+				m->hdr.request);
+		ret = handle(c, m, &replied, &why);
+		msg_close_fds(m);
+		if (ret < 0)
+			break;
+		if (!replied && (c->proto & BIT(VHU_PF_REPLY_ACK)) && (m->hdr.flags & VHU_FLAG_NEED_REPLY) &&
+		    reply_u64(c, m, ret ? 1 : 0) < 0)
+			break;
+	}
+	if (m)
+		msg_close_fds(m);
+	if (why)
+		vdd_log("vhost-user-blk export '%s': front end %" PRIu64 ": %s (request %u %s): resetting the device",
+			exp->id, c->id, why, m ? m->hdr.request : 0, m ? request_name(m->hdr.request) : "");
+	free(m);
+	c->closing = true;
+	conn_reset_rings(c);
+	for (unsigned i = 0; i < e->num_queues; i++)
+		vq_free_reqs(&c->vqs[i]);
+	unmap_regions(c);
+	vdd_cofd_detach(&c->cofd);
+	close(c->fd);
+	c->fd = -1;
+	c->active = false;
+	listen_again(e);
+	exp->connections--;
+	vd_export_client_event(exp, false, c->id, peer);
+	vdd_log("vhost-user-blk export '%s': front end %" PRIu64 " disconnected", exp->id, c->id);
+	vd_export_unref(exp);
+}
+
+static void conn_init(struct vub_conn *c, struct vub_export *e, int fd)
+{
+	memset(c, 0, sizeof(*c));
+	c->e = e;
+	c->fd = fd;
+	c->active = true;
+	c->id = ++e->next_id;
+	vd_co_queue_init(&c->drained);
+	for (unsigned i = 0; i < VUB_MAX_QUEUES; i++) {
+		struct vub_vq *vq = &c->vqs[i];
+
+		vq->c = c;
+		vq->idx = i;
+		vq->kick_fd = vq->call_fd = vq->err_fd = -1;
+		vd_co_queue_init(&vq->drained);
+	}
+	vdd_cofd_init(&c->cofd, fd);
+}
+
+static void accept_event(void *opaque, int fd, int revents);
+
+static void listen_again(struct vub_export *e)
+{
+	if (!e->shutdown && e->listen_fd >= 0)
+		vd_loop_set_fd_handler(vd_loop_get(), e->listen_fd, POLLIN, accept_event, e);
+}
+
+static void accept_event(void *opaque, int fd, int revents)
+{
+	struct vub_export *e = opaque;
+	int cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+	struct vd_co *co;
+
+	(void)revents;
+	if (cfd < 0)
+		return;
+	if (e->shutdown || vd_export_is_shutting_down(e->exp)) {
+		close(cfd);
+		return;
+	}
+	conn_init(&e->conn, e, cfd);
+	/* One front end at a time: the next one waits in the listen backlog until this one leaves. */
+	vd_loop_del_fd_handler(vd_loop_get(), e->listen_fd);
+	vd_export_ref(e->exp);
+	co = vd_co_create(conn_co, &e->conn);
+	if (!co) {
+		e->conn.active = false;
+		close(cfd);
+		vd_export_unref(e->exp);
+		listen_again(e);
+		return;
+	}
+	vd_co_enter(co);
+}
+
+/* ---- the export type ---------------------------------------------------------------------------------------- */
+
+static const char *const vub_options[] = { "addr", "num-queues", "queue-size", "logical-block-size", "poll-us",
+					   "serial", NULL };
+
+static int vub_create(struct vd_export *exp, json_t *opts, char **errp)
+{
+	struct vub_export *e = exp->opaque;
+	json_t *addr = json_object_get(opts, "addr");
+	const char *type, *path, *serial;
+	uint64_t nq, qs, lbs, poll_us;
+	char *err = NULL;
+
+	e->exp = exp;
+	e->listen_fd = -1;
+	if (!json_is_object(addr))
+		return vdd_error(errp, "vhost-user-blk export: 'addr' is required (addr.type=unix,addr.path=PATH)");
+	if (vdd_arg_str(addr, "type", true, NULL, &type, errp) < 0 || vdd_arg_str(addr, "path", true, NULL, &path, errp) < 0)
+		return -1;
+	if (strcmp(type, "unix"))
+		return vdd_error(errp, "vhost-user-blk export: addr.type must be 'unix'");
+	if (vdd_arg_u64(opts, "num-queues", 1, &nq, errp) < 0 ||
+	    vdd_arg_u64(opts, "queue-size", VUB_DEFAULT_QUEUE_SIZE, &qs, errp) < 0 ||
+	    vdd_arg_u64(opts, "logical-block-size", 512, &lbs, errp) < 0 ||
+	    vdd_arg_u64(opts, "poll-us", 0, &poll_us, errp) < 0 ||
+	    vdd_arg_str(opts, "serial", false, exp->id, &serial, errp) < 0)
+		return -1;
+	if (nq < 1 || nq > VUB_MAX_QUEUES)
+		return vdd_error(errp, "vhost-user-blk export: num-queues must be between 1 and %d", VUB_MAX_QUEUES);
+	if (qs < 4 || qs > VUB_MAX_QUEUE_SIZE || (qs & (qs - 1)))
+		return vdd_error(errp, "vhost-user-blk export: queue-size must be a power of two between 4 and %d",
+				 VUB_MAX_QUEUE_SIZE);
+	if (lbs < 512 || lbs > 65536 || (lbs & (lbs - 1)))
+		return vdd_error(errp, "vhost-user-blk export: logical-block-size must be a power of two between 512 and 64k");
+	if (poll_us > 1000000)
+		return vdd_error(errp, "vhost-user-blk export: poll-us must be at most 1000000");
+	{
+		struct sockaddr_un sa;
+
+		if (strlen(path) >= sizeof(sa.sun_path))
+			return vdd_error(errp, "vhost-user-blk export: socket path '%s' is too long", path);
+	}
+	e->num_queues = (unsigned)nq;
+	e->queue_size = (unsigned)qs;
+	e->lbs = (unsigned)lbs;
+	e->poll_us = (unsigned)poll_us;
+	e->path = strdup(path);
+	e->serial = strdup(serial);
+	if (!e->path || !e->serial) {
+		free(e->path);
+		free(e->serial);
+		e->path = e->serial = NULL;
+		return vdd_error(errp, "out of memory");
+	}
+	(void)err;
+	return 0;
+}
+
+static void fill_config(struct vub_export *e)
+{
+	struct virtio_blk_config *cfg = &e->cfg;
+	uint64_t f = BIT(VIRTIO_F_VERSION_1) | BIT(VHOST_USER_F_PROTOCOL_FEATURES) | BIT(VIRTIO_BLK_F_SEG_MAX) |
+		     BIT(VIRTIO_BLK_F_BLK_SIZE) | BIT(VIRTIO_BLK_F_FLUSH) | BIT(VIRTIO_BLK_F_MQ) |
+		     BIT(VIRTIO_RING_F_INDIRECT_DESC) | BIT(VIRTIO_RING_F_EVENT_IDX);
+
+	if (e->exp->writable)
+		f |= BIT(VIRTIO_BLK_F_DISCARD) | BIT(VIRTIO_BLK_F_WRITE_ZEROES);
+	else
+		f |= BIT(VIRTIO_BLK_F_RO);
+	e->offered = f;
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->capacity = e->capacity / VIRTIO_BLK_SECTOR;
+	cfg->seg_max = e->queue_size - 2;
+	cfg->blk_size = e->lbs;
+	cfg->num_queues = (uint16_t)e->num_queues;
+	cfg->max_discard_sectors = VUB_MAX_DWZ_SECTORS;
+	cfg->max_discard_seg = VUB_DWZ_SEGS;
+	cfg->discard_sector_alignment = e->lbs / VIRTIO_BLK_SECTOR;
+	cfg->max_write_zeroes_sectors = VUB_MAX_DWZ_SECTORS;
+	cfg->max_write_zeroes_seg = VUB_DWZ_SEGS;
+	cfg->write_zeroes_may_unmap = 1;
+}
+
+static int vub_start(struct vd_export *exp, char **errp)
+{
+	struct vub_export *e = exp->opaque;
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct stat st;
+	int fd;
+
+	e->capacity = exp->bs->size / e->lbs * e->lbs;
+	fill_config(e);
+	memcpy(sa.sun_path, e->path, strlen(e->path) + 1); /* length checked in create */
+	if (stat(e->path, &st) == 0 && S_ISSOCK(st.st_mode))
+		unlink(e->path); /* a stale socket of an earlier run */
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return vdd_error(errp, "socket: %s", strerror(errno));
+	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 16) < 0) {
+		vdd_error(errp, "vhost-user-blk export: cannot listen on '%s': %s", e->path, strerror(errno));
+		close(fd);
+		return -1;
+	}
+	if (vd_loop_set_fd_handler(vd_loop_get(), fd, POLLIN, accept_event, e) < 0) {
+		close(fd);
+		unlink(e->path);
+		return vdd_error(errp, "out of memory");
+	}
+	e->listen_fd = fd;
+	vdd_log("vhost-user-blk export '%s': listening on unix:%s", exp->id, e->path);
+	return 0;
+}
+
+static void vub_shutdown(struct vd_export *exp)
+{
+	struct vub_export *e = exp->opaque;
+
+	e->shutdown = true;
+	if (e->listen_fd >= 0) {
+		vd_loop_del_fd_handler(vd_loop_get(), e->listen_fd);
+		close(e->listen_fd);
+		e->listen_fd = -1;
+		unlink(e->path);
+	}
+	if (e->conn.active) {
+		e->conn.closing = true;
+		vdd_cofd_wake(&e->conn.cofd);
+	}
+	/* The export is destroyed once the connection dropped its reference. */
+}
+
+static void vub_destroy(struct vd_export *exp)
+{
+	struct vub_export *e = exp->opaque;
+
+	free(e->path);
+	free(e->serial);
+}
+
+static void vub_query(struct vd_export *exp, json_t *info)
+{
+	struct vub_export *e = exp->opaque;
+
+	json_object_set_new(info, "addr", json_pack("{s:s, s:s}", "type", "unix", "path", e->path));
+	json_object_set_new(info, "num-queues", json_integer(e->num_queues));
+	json_object_set_new(info, "queue-size", json_integer(e->queue_size));
+	json_object_set_new(info, "logical-block-size", json_integer(e->lbs));
+	json_object_set_new(info, "poll-us", json_integer(e->poll_us));
+}
+
+static void vub_query_stats(struct vd_export *exp, json_t *stats)
+{
+	struct vub_export *e = exp->opaque;
+
+	json_object_set_new(stats, "vhost-user-blk",
+			    json_pack("{s:I, s:I, s:I, s:I}", "requests", (json_int_t)e->reqs_total, "bad-requests",
+				      (json_int_t)e->bad_requests, "kicks", (json_int_t)e->kicks, "calls",
+				      (json_int_t)e->calls));
+}
+
+const struct vd_export_type vd_export_type_vhost_user_blk = {
+	.name = "vhost-user-blk",
+	.state_size = sizeof(struct vub_export),
+	.options = vub_options,
+	.create = vub_create,
+	.start = vub_start,
+	.shutdown = vub_shutdown,
+	.destroy = vub_destroy,
+	.query = vub_query,
+	.query_stats = vub_query_stats,
+};
