@@ -16,6 +16,7 @@
 /* The export types: adding one is one file in exports/ and one line here. */
 static const struct vd_export_type *const export_types[] = {
 	&vd_export_type_nbd,
+	&vd_export_type_fuse,
 	&vd_export_type_vhost_user_blk,
 };
 
@@ -246,7 +247,7 @@ int vdd_export_add(json_t *opts, char **errp)
 		return -1;
 	type = vd_export_type_find(type_name);
 	if (!type)
-		return vdd_error(errp, "block-export-add: unknown export type '%s' (nbd, vhost-user-blk)", type_name);
+		return vdd_error(errp, "block-export-add: unknown export type '%s' (nbd, fuse, vhost-user-blk)", type_name);
 	if (check_args(opts, type, errp) < 0 || vdd_arg_str(opts, "id", true, NULL, &id, errp) < 0 ||
 	    vdd_arg_str(opts, "node-name", true, NULL, &node_name, errp) < 0 ||
 	    vdd_arg_bool(opts, "writable", false, &writable, errp) < 0 ||

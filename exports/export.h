@@ -125,6 +125,7 @@ struct vd_bnode *vd_export_backing(struct vd_bnode *bs);
 struct vd_bnode *vd_export_unwrap(struct vd_bnode *bs);
 
 extern const struct vd_export_type vd_export_type_nbd;
+extern const struct vd_export_type vd_export_type_fuse;
 extern const struct vd_export_type vd_export_type_vhost_user_blk;
 
 #endif
