@@ -276,6 +276,23 @@ static bool is_allocated_min(const uint8_t *buf, uint64_t n, uint64_t *pnum, uin
 	return true;
 }
 
+/* Compressed targets: the run of whole clusters at buf that are all data (true) or all zero (false). */
+static bool compressed_run(struct conv *s, const uint8_t *buf, uint64_t n, uint64_t *pnum)
+{
+	uint64_t cs = s->cluster_size, i = 0;
+	bool data = !img_is_zero(buf, cs < n ? cs : n);
+
+	while (i < n) {
+		uint64_t l = cs < n - i ? cs : n - i;
+
+		if (i && !img_is_zero(buf + i, l) != data)
+			break;
+		i += l;
+	}
+	*pnum = i;
+	return data;
+}
+
 static int conv_write(struct conv *s, uint64_t off, uint64_t n, uint8_t *buf, enum conv_status status)
 {
 	int ret;
@@ -290,7 +307,7 @@ static int conv_write(struct conv *s, uint64_t off, uint64_t n, uint8_t *buf, en
 		case BLK_DATA:
 			if (!s->min_sparse ||
 			    (!s->compressed && is_allocated_min(buf, n, &len, s->min_sparse, off, s->alignment)) ||
-			    (s->compressed && !img_is_zero(buf, n))) {
+			    (s->compressed && compressed_run(s, buf, n, &len))) {
 				ret = vd_bnode_co_pwrite(s->target, off, buf, len, s->write_flags);
 				if (ret < 0)
 					return ret;
@@ -736,7 +753,9 @@ int vd_img_convert(int argc, char **argv)
 			img_err(CMD, "invalid cluster size");
 			goto out;
 		}
-		s.buf_size = s.cluster_size;
+		/* Chunks of several clusters: qcow2 compresses the clusters of one write in parallel. */
+		if (s.cluster_size > s.buf_size)
+			s.buf_size = s.cluster_size;
 	}
 	s.alignment = pow2floor(s.min_sparse);
 	if (s.alignment < IMG_SECTOR)

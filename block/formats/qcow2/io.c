@@ -627,10 +627,14 @@ int qcow2_co_pwritev(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_
 		while (len > 0 && ret == 0) {
 			uint64_t cend = qcow2_start_of_cluster(s, off) + s->cluster_size, n;
 			n = cend - off < len ? cend - off : len;
-			if (!qcow2_offset_into_cluster(s, off) && (n == s->cluster_size || off + n >= bs->size))
+			if (!qcow2_offset_into_cluster(s, off) && (n == s->cluster_size || off + n >= bs->size)) {
+				/* A run of whole clusters: compressed as one batch. */
+				n = len >= s->cluster_size && off + len < bs->size ? len & ~((uint64_t)s->cluster_size - 1)
+										    : len;
 				ret = qcow2_co_pwrite_compressed(s, off, n, qiov, qoff);
-			else
+			} else {
 				ret = qcow2_do_pwritev(s, off, n, qiov, qoff, flags & ~VD_BREQ_FUA);
+			}
 			off += n;
 			qoff += n;
 			len -= n;

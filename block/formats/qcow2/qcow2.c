@@ -1075,6 +1075,8 @@ static void free_state(struct qcow2_state *s)
 	s->l1_table = NULL;
 	free(s->refcount_table);
 	s->refcount_table = NULL;
+	vd_blk_free(s->compress_buf);
+	s->compress_buf = NULL;
 	qcow2_snapshots_free(s->snapshots, s->nb_snapshots);
 	s->snapshots = NULL;
 	qcow2_cache_destroy(&s->l2_cache);

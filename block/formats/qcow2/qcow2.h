@@ -336,6 +336,7 @@ struct qcow2_state {
 	uint64_t *check_refs;    /* computed refcounts while repairing (per cluster) */
 	uint64_t check_refs_n;
 	bool metadata_error;     /* a metadata write failed: flushes keep failing */
+	uint8_t *compress_buf;   /* compressed writes: a spare buffer (compress.c), freed at close */
 };
 
 /* ---- geometry helpers --------------------------------------------------------- */
