@@ -309,3 +309,16 @@ def test_data_cluster_partly_past_eof(tmp):
     vio(img, "write -P 0x56 512 64k", "read -P 0x55 0 512", "read -P 0x56 512 64k")
     assert_clean(img)
     qio(img, "read -P 0x56 512 64k", extra=["-r"])
+
+
+@pytest.mark.parametrize("where", ["l2-entry", "l1-entry"])
+def test_check_reference_far_past_eof(tmp, where):
+    """A flipped high bit in an L1/L2 entry is a corruption for check, not a request for a huge table."""
+    img = fresh(tmp)
+    if where == "l2-entry":
+        put(img, l2_entry_off(img, 5), ">Q", (1 << 63) | (0xfd << 40))
+    else:
+        put(img, l1_entry_off(img, 0), ">Q", (1 << 63) | (0x7f << 48))
+    p = vio(img, "check", opts=["-r"], check=False)
+    assert p.returncode in (0, 1, 2, 3) and "past the end of the file" in p.stderr, (p.returncode, p.stderr)
+    assert qemu_check_corruptions(img) > 0

@@ -42,8 +42,22 @@ static int refs_grow(struct refs *t, uint64_t n)
 
 static int inc_refs(struct qcow2_state *s, struct vd_check_result *res, struct refs *t, uint64_t off, uint64_t len)
 {
+	uint64_t file_len = s->bs->file->size;
+
 	if (!len)
 		return 0;
+	/*
+	 * The last cluster may be only partly written, but a reference a whole
+	 * cluster or more past the end of the file is corrupt metadata: count it
+	 * as such instead of sizing the table after it (a flipped bit in an L2
+	 * entry would otherwise ask for terabytes).
+	 */
+	if (off + len < off || (off + len > file_len && off + len - file_len >= s->cluster_size)) {
+		fprintf(stderr, "ERROR: reference to %#" PRIx64 "+%#" PRIx64 " lies a cluster or more past the end of the file\n",
+			off, len);
+		res->corruptions++;
+		return 0;
+	}
 	for (uint64_t c = off >> s->cluster_bits; c <= (off + len - 1) >> s->cluster_bits; c++) {
 		if (c >= t->n && refs_grow(t, c + 1 > t->n * 2 ? c + 1 : t->n * 2) < 0) {
 			res->check_errors++;
