@@ -5,7 +5,7 @@ ASAN_BUILD ?= build-asan
 PREFIX ?= /usr/local
 # Every pytest suite: libvdisk drivers, the NBD client, the image tool, qcow2,
 # the block-layer bench, the daemon.
-PYTEST_DIRS := $(wildcard tests/integration tests/nbd tests/vhost-user tests/image tests/bench tests/daemon)
+PYTEST_DIRS := $(wildcard tests/integration tests/nbd tests/vhost-user tests/image tests/bench tests/daemon tests/fuse)
 PYTEST = /usr/bin/python3 -m pytest -q -p no:cacheprovider -n $(PYTEST_JOBS)
 PYTEST_JOBS ?= 3
 
