@@ -51,6 +51,16 @@ size_t vd_qiov_to_buf(const struct vd_qiov *q, size_t off, void *buf, size_t len
 size_t vd_qiov_from_buf(struct vd_qiov *q, size_t off, const void *buf, size_t len);
 bool vd_qiov_is_zero(const struct vd_qiov *q, size_t off, size_t len);
 
+/* ---- errors --------------------------------------------------------------- */
+
+/*
+ * The calling thread's error message, read with vdisk_get_error_msg()
+ * (libvdisk's own, shared by the block layer, formats and tools).
+ * vd_error() sets it from a printf format and returns -err.
+ */
+int vd_error(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void vd_error_clear(void);
+
 /* ---- request flags and block status -------------------------------------- */
 
 enum {
@@ -58,6 +68,7 @@ enum {
 	VD_BREQ_MAY_UNMAP = 1 << 1,   /* write-zeroes: may deallocate */
 	VD_BREQ_NO_FALLBACK = 1 << 2, /* write-zeroes: -ENOTSUP rather than write zero buffers */
 	VD_BREQ_COPY_ON_READ = 1 << 3,
+	VD_BREQ_COMPRESSED = 1 << 4,  /* write: store whole clusters compressed (qcow2); others plain */
 };
 
 /* Block status answer flags (as QEMU's BDRV_BLOCK_*). */

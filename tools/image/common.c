@@ -59,8 +59,6 @@ void img_warn(const char *cmd, const char *fmt, ...)
 	va_end(ap);
 }
 
-void vd_error_clear(void); /* lib/error.c (internal, in the static libvdisk the tools link) */
-
 void img_clear_err(void)
 {
 	vd_error_clear();

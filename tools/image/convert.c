@@ -32,12 +32,6 @@
 
 static const char *const CMD = "convert";
 
-/* Compressed-write request flag (qcow2 writes the cluster compressed); as in
- * block/formats/qcow2/qcow2.h until block.h defines it. */
-#ifndef VD_BREQ_COMPRESSED
-#define VD_BREQ_COMPRESSED (1 << 4)
-#endif
-
 #define MAX_COROUTINES 16
 #define MAX_BUF_SIZE (16u * 1024 * 1024)
 #define MAX_STATUS_REQ (1ull << 30)

@@ -41,22 +41,28 @@ void qcow2_cache_destroy(struct qcow2_cache *c)
 	}
 	free(c->e);
 	c->e = NULL;
+	c->last = NULL;
 	c->n = c->cap = 0;
 }
 
+/* Lookups try the entry found last first: consecutive requests mostly hit the same table. */
 static struct qcow2_cache_entry *find(struct qcow2_cache *c, uint64_t offset)
 {
+	if (c->last && c->last->offset == offset)
+		return c->last;
 	for (int i = 0; i < c->n; i++)
 		if (c->e[i]->offset == offset)
-			return c->e[i];
+			return c->last = c->e[i];
 	return NULL;
 }
 
 static struct qcow2_cache_entry *find_table(struct qcow2_cache *c, const uint8_t *table)
 {
+	if (c->last && c->last->table == table)
+		return c->last;
 	for (int i = 0; i < c->n; i++)
 		if (c->e[i]->table == table)
-			return c->e[i];
+			return c->last = c->e[i];
 	return NULL;
 }
 
@@ -89,6 +95,8 @@ static void remove_slot(struct qcow2_cache *c, struct qcow2_cache_entry *e)
 	for (int i = 0; i < c->n; i++) {
 		if (c->e[i] == e) {
 			c->e[i] = c->e[--c->n];
+			if (c->last == e)
+				c->last = NULL;
 			vd_blk_free(e->table);
 			free(e);
 			return;

@@ -33,11 +33,6 @@
 #include "block.h"
 #include "coroutine.h"
 
-/* Compressed-write request flag; the block core should define it in block.h. */
-#ifndef VD_BREQ_COMPRESSED
-#define VD_BREQ_COMPRESSED (1 << 4)
-#endif
-
 /* ---- on-disk constants ------------------------------------------------------ */
 
 #define QCOW2_MAGIC 0x514649fbU /* "QFI\xfb" */
@@ -229,6 +224,7 @@ struct qcow2_cache {
 	const char *name;
 	size_t table_size;
 	struct qcow2_cache_entry **e; /* entries are separately allocated: pointers stay valid */
+	struct qcow2_cache_entry *last; /* found last (lookup shortcut), NULL after it is freed */
 	int n;     /* slots in use (e[0..n)) */
 	int cap;   /* allocated slots */
 	int limit; /* target number of cached tables */
@@ -441,7 +437,6 @@ void qcow2_snapshots_free(struct qcow2_snapshot *sn, uint32_t nb);
 
 /* ---- error helpers ------------------------------------------------------------------ */
 
-int vd_error(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Record corruption: message, corrupt bit on disk (v3, writable), bs->corrupt; returns -EIO. */
 int qcow2_signal_corruption(struct qcow2_state *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
