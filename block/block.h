@@ -167,6 +167,12 @@ struct vd_format {
 	int (*get_info)(struct vd_bnode *bs, json_t *info);
 	int (*co_check)(struct vd_bnode *bs, struct vd_check_result *res, int fix);
 	int (*co_amend)(struct vd_bnode *bs, json_t *opts);
+	/*
+	 * Make every cluster unallocated again so the backing file shows through,
+	 * keeping the header, backing link and internal snapshots (what commit
+	 * leaves in the committed overlay, as QEMU's bdrv_make_empty).  Optional.
+	 */
+	int (*co_make_empty)(struct vd_bnode *bs);
 	/* Change the backing file name in the header (rebase, commit). */
 	int (*co_change_backing)(struct vd_bnode *bs, const char *backing_file, const char *backing_fmt);
 	/* Cluster size / granularity for map, convert and measure (0 = none). */

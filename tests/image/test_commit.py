@@ -26,6 +26,25 @@ def test_commit_into_backing(vdisk, qemu_img, chain, qcow2_write):
     assert top_allocated(qemu_img, "top.qcow2") == []  # emptied
 
 
+def test_commit_empties_top_keeping_snapshots(vdisk, qemu_img, chain, qcow2_write, tmp_path):
+    # As qemu-img commit: the top is emptied by dropping its clusters, its
+    # header, backing link and internal snapshots stay (no truncation).
+    qemu_img("snapshot", "-c", "snap", "top.qcow2")
+    vdisk("commit", "top.qcow2", check=0)
+    qemu_img("check", "base.qcow2")
+    qemu_img("check", "top.qcow2")
+    qemu_img("compare", "base.qcow2", "expected.raw")
+    qemu_img("compare", "top.qcow2", "expected.raw")
+    assert top_allocated(qemu_img, "top.qcow2") == []
+    info = qemu_img("info", "--output=json", "top.qcow2").json()
+    assert info["backing-filename"] == "base.qcow2" and info["full-backing-filename"].endswith("base.qcow2")
+    assert [sn["name"] for sn in info["snapshots"]] == ["snap"]
+    # The snapshot still holds the overlay's data: applied, the top reads as before.
+    qemu_img("snapshot", "-a", "snap", "top.qcow2")
+    qemu_img("check", "top.qcow2")
+    qemu_img("compare", "top.qcow2", "expected.raw")
+
+
 def test_commit_drop_keeps_top(vdisk, qemu_img, chain, qcow2_write):
     before = top_allocated(qemu_img, "top.qcow2")
     vdisk("commit", "-d", "top.qcow2", check=0)

@@ -114,23 +114,17 @@ struct empty_state {
 };
 
 /*
- * Empty an overlay: every cluster unallocated again, so its backing file
- * shows through.  A discard would not do: with a backing file, qcow2 (like
- * QEMU's) turns discarded clusters into zero clusters, which hide the
- * backing data.  Cutting the image to size 0 drops every cluster for good
- * (a full discard), and growing it back adds unallocated clusters; the
- * overlay is opened without its backing file for this, so the growth is
- * not zero-filled (that is only needed to hide a backing file's data past
- * the old end).
+ * Empty an overlay as qemu-img does: every cluster unallocated again, so its
+ * backing file shows through, with the image's header, backing link and
+ * internal snapshots kept (the format's make_empty: a full discard; a plain
+ * discard would not do, with a backing file qcow2 turns discarded clusters
+ * into zero clusters, which hide the backing data).
  */
 static int empty_co(void *opaque)
 {
 	struct empty_state *e = opaque;
-	int ret;
+	int ret = e->bs->fmt->co_make_empty(e->bs);
 
-	ret = vd_bnode_co_truncate(e->bs, 0, true, "off");
-	if (ret == 0)
-		ret = vd_bnode_co_truncate(e->bs, e->size, true, "off");
 	if (ret == 0)
 		ret = vd_bnode_co_flush(e->bs);
 	return ret;
@@ -140,8 +134,7 @@ static int empty_co(void *opaque)
 static int empty_overlay(const char *path, const char *fmt, uint64_t size, const struct vd_cache_mode *cache)
 {
 	struct empty_state e = { .size = size };
-	struct vd_snapshot_info *list = NULL;
-	int count = 0, ret;
+	int ret;
 
 	img_clear_err();
 	e.bs = vd_bnode_open(path, fmt, cache, VD_BO_RDWR | VD_BO_NO_BACKING);
@@ -149,13 +142,11 @@ static int empty_overlay(const char *path, const char *fmt, uint64_t size, const
 		img_warn(CMD, "could not reopen '%s' to empty it: %s", path, img_errmsg(-EIO));
 		return 1;
 	}
-	if (e.bs->fmt->snapshot_list && e.bs->fmt->snapshot_list(e.bs, &list, &count) == 0 && count > 0) {
-		free(list);
+	if (!e.bs->fmt->co_make_empty) {
+		img_warn(CMD, "format '%s' cannot empty '%s' (its data is committed)", e.bs->fmt->name, path);
 		vd_bnode_unref(e.bs);
-		img_warn(CMD, "'%s' has internal snapshots, so it was not emptied (its data is committed)", path);
 		return 1;
 	}
-	free(list);
 	ret = img_run_co(empty_co, &e);
 	if (ret < 0) {
 		img_err(CMD, "Could not empty '%s': %s", path, img_errmsg(ret));

@@ -923,6 +923,27 @@ int qcow2_co_pdiscard(struct vd_bnode *bs, uint64_t off, uint64_t len)
 	return ret;
 }
 
+/*
+ * What commit leaves in the overlay (QEMU's make_empty): every guest cluster
+ * unallocated, so the backing file shows through.  A full discard drops the
+ * references (clusters a snapshot shares keep its reference); the header,
+ * backing link, L1 and snapshots stay, so the image stays valid as it was.
+ */
+int qcow2_co_make_empty(struct vd_bnode *bs)
+{
+	struct qcow2_state *s = bs->opaque;
+	int ret;
+
+	if (!s->writable)
+		return bs->corrupt ? vd_error(EIO, "qcow2: image is corrupt") : vd_error(EACCES, "qcow2: read-only");
+	vd_co_mutex_lock(&s->lock);
+	ret = qcow2_discard_clusters(s, 0, bs->size, true);
+	if (ret == 0)
+		ret = qcow2_flush_metadata(s);
+	vd_co_mutex_unlock(&s->lock);
+	return ret;
+}
+
 /* ---------------------------------------------------------------------------
  * Block status
  * ------------------------------------------------------------------------- */

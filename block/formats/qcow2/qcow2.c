@@ -1533,6 +1533,7 @@ const struct vd_format vd_format_qcow2 = {
 	.co_check = qcow2_co_check,
 	.co_amend = qcow2_co_amend,
 	.co_change_backing = qcow2_co_change_backing,
+	.co_make_empty = qcow2_co_make_empty,
 	.cluster_size = qcow2_cluster_size,
 	.snapshot_create = snap_create,
 	.snapshot_list = snap_list,

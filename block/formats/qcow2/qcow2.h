@@ -531,6 +531,8 @@ int qcow2_co_preadv(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_q
 int qcow2_co_pwritev(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qoff, int flags);
 int qcow2_co_pwrite_zeroes(struct vd_bnode *bs, uint64_t off, uint64_t len, int flags);
 int qcow2_co_pdiscard(struct vd_bnode *bs, uint64_t off, uint64_t len);
+/* Drop every active cluster (full discard: unallocated, not zero); snapshots keep theirs. */
+int qcow2_co_make_empty(struct vd_bnode *bs);
 int qcow2_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, uint64_t *pnum, uint64_t *map,
 			  struct vd_bnode **file);
 /* Internal read of guest range (for COW): reads through backing / zero / compressed. */
