@@ -11,12 +11,20 @@
  *      one batch and resumes the coroutine of each completion;
  *   3. if nothing happened and the caller wants to block: when exactly one
  *      queue has requests outstanding and there is nothing else to wait for,
- *      block inside vdiskq_do_io(min=1) — no poll() syscall on the fast path;
- *      otherwise poll() the queues' completion eventfds and the fd handlers.
+ *      block inside vdiskq_do_io(min=1) — no extra syscall on the fast path;
+ *      otherwise wait on the queues' completion eventfds and the fd handlers.
  *
- * The design calls for an io_uring-based loop (poll and I/O in one ring);
- * poll() is what this implements for now.  Swapping it only changes
- * wait_for_events().
+ * Waiting is done with the loop's own io_uring: every fd handler and every
+ * busy queue's completion eventfd has one one-shot IORING_OP_POLL_ADD in
+ * flight, re-armed after it fires, so arming new polls and sleeping is a
+ * single io_uring_enter.  One-shot polls check readiness when armed, so the
+ * semantics are poll()'s (level-triggered).  If no ring can be set up
+ * (old kernel, seccomp), or VDISK_LOOP=poll is set, the loop uses poll().
+ *
+ * Stale events: handlers are looked up by a token that is new for every
+ * registration and every armed poll, never by fd number, so an event for an
+ * fd that was closed (and whose number was reused) earlier in the same round
+ * never reaches the new fd's handler.
  */
 #include <assert.h>
 #include <errno.h>
@@ -26,18 +34,25 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <liburing.h>
+
 #include "coroutine-int.h"
 #include "coroutine.h"
 #include "lib/vd-internal.h" /* vd_error(): the thread's error message */
 #include "loop.h"
 
 #define COMPLETION_BATCH 64
+#define RING_ENTRIES 256
+
+/* io_uring user_data: token << 2 | kind. */
+enum { UD_HANDLER = 1, UD_QUEUE = 2, UD_IGNORE = 3 };
 
 struct loop_queue {
 	struct vdiskq *q;
 	int completion_fd; /* -1: poll queue, cannot be slept on */
 	unsigned outstanding; /* requests issued through vd_loop_co_wait_io, not yet completed */
 	bool kicked;          /* new requests enqueued, or the eventfd fired */
+	uint64_t armed;       /* token of the eventfd poll in flight (ring), 0: none */
 };
 
 struct fd_handler {
@@ -45,6 +60,9 @@ struct fd_handler {
 	short events;
 	vd_fd_handler cb;
 	void *opaque;
+	uint64_t id;         /* new for every registration (poll() path) */
+	uint64_t armed;      /* token of the poll in flight (ring), 0: none */
+	short armed_events;  /* the events it waits for */
 };
 
 struct vd_loop {
@@ -59,10 +77,17 @@ struct vd_loop {
 	int n_handlers, handlers_alloc;
 
 	struct pollfd *pollfds; /* scratch for wait_for_events() */
-	int pollfds_alloc;
+	uint64_t *pollids;      /* handler id of each pollfd, 0 for queues */
+	int pollfds_alloc, pollids_alloc;
+
+	uint64_t next_token;
+	struct io_uring uring;
+	int uring_state; /* 0: not tried yet, 1: in use, -1: poll() */
 };
 
 static _Thread_local struct vd_loop *thread_loop;
+
+static void disarm(struct vd_loop *l, uint64_t token, int kind);
 
 static void *grow(void *array, int *alloc, int need, size_t elem)
 {
@@ -103,6 +128,9 @@ void vd_loop_free_current(void)
 	free(l->ring);
 	free(l->handlers);
 	free(l->pollfds);
+	free(l->pollids);
+	if (l->uring_state > 0)
+		io_uring_queue_exit(&l->uring);
 	free(l);
 	thread_loop = NULL;
 	vd_co_pool_drain();
@@ -145,6 +173,8 @@ void vd_loop_del_queue(struct vd_loop *l, struct vdiskq *q)
 	if (!lq)
 		return;
 	assert(lq->outstanding == 0 && "removing a queue with requests in flight");
+	if (lq->armed)
+		disarm(l, lq->armed, UD_QUEUE);
 	*lq = l->queues[--l->n_queues];
 }
 
@@ -285,6 +315,33 @@ static bool run_scheduled(struct vd_loop *l)
 
 /* ---- fd handlers ---------------------------------------------------------------- */
 
+static struct io_uring_sqe *get_sqe(struct vd_loop *l)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&l->uring);
+
+	if (!sqe) {
+		io_uring_submit(&l->uring); /* SQ full: make room */
+		sqe = io_uring_get_sqe(&l->uring);
+	}
+	return sqe;
+}
+
+/*
+ * Cancel the poll with this token.  Its CQE (cancelled, or an event that
+ * raced) no longer matches anything and is dropped.  The removal goes to
+ * the kernel with the next submission; until then the ring holds a
+ * reference to the file, so a closed fd's number can be reused safely.
+ */
+static void disarm(struct vd_loop *l, uint64_t token, int kind)
+{
+	struct io_uring_sqe *sqe = get_sqe(l);
+
+	if (!sqe)
+		return; /* cannot happen after a submit; the stale CQE is dropped anyway */
+	io_uring_prep_poll_remove(sqe, token << 2 | (uint64_t)kind);
+	io_uring_sqe_set_data64(sqe, UD_IGNORE);
+}
+
 static struct fd_handler *find_handler(struct vd_loop *l, int fd)
 {
 	for (int i = 0; i < l->n_handlers; i++)
@@ -304,6 +361,11 @@ int vd_loop_set_fd_handler(struct vd_loop *l, int fd, short events, vd_fd_handle
 			return -ENOMEM;
 		l->handlers = p;
 		h = &l->handlers[l->n_handlers++];
+		memset(h, 0, sizeof(*h));
+		h->id = ++l->next_token;
+	} else if (h->armed && h->armed_events != events) {
+		disarm(l, h->armed, UD_HANDLER); /* re-armed with the new events at the next wait */
+		h->armed = 0;
 	}
 	h->fd = fd;
 	h->events = events;
@@ -316,8 +378,11 @@ void vd_loop_del_fd_handler(struct vd_loop *l, int fd)
 {
 	struct fd_handler *h = find_handler(l, fd);
 
-	if (h)
-		*h = l->handlers[--l->n_handlers];
+	if (!h)
+		return;
+	if (h->armed)
+		disarm(l, h->armed, UD_HANDLER);
+	*h = l->handlers[--l->n_handlers];
 }
 
 /* ---- waiting ------------------------------------------------------------------- */
@@ -339,6 +404,10 @@ static int build_pollfds(struct vd_loop *l, bool *busy_poll)
 	if (!p)
 		return -ENOMEM;
 	l->pollfds = p;
+	p = grow(l->pollids, &l->pollids_alloc, l->n_queues + l->n_handlers, sizeof(*l->pollids));
+	if (!p)
+		return -ENOMEM;
+	l->pollids = p;
 	*busy_poll = false;
 	for (int i = 0; i < l->n_queues; i++) {
 		if (!l->queues[i].outstanding)
@@ -347,26 +416,44 @@ static int build_pollfds(struct vd_loop *l, bool *busy_poll)
 			*busy_poll = true; /* a poll queue: it only progresses if we keep calling do_io */
 			continue;
 		}
+		l->pollids[n] = 0;
 		l->pollfds[n++] = (struct pollfd){ .fd = l->queues[i].completion_fd, .events = POLLIN };
 	}
-	for (int i = 0; i < l->n_handlers; i++)
+	for (int i = 0; i < l->n_handlers; i++) {
+		l->pollids[n] = l->handlers[i].id;
 		l->pollfds[n++] = (struct pollfd){ .fd = l->handlers[i].fd, .events = l->handlers[i].events };
+	}
 	return n;
 }
 
-static void dispatch_pollfd(struct vd_loop *l, const struct pollfd *pfd)
+static struct fd_handler *find_handler_by(struct vd_loop *l, uint64_t id, bool armed)
+{
+	for (int i = 0; i < l->n_handlers; i++)
+		if ((armed ? l->handlers[i].armed : l->handlers[i].id) == id)
+			return &l->handlers[i];
+	return NULL;
+}
+
+static void dispatch_pollfd(struct vd_loop *l, const struct pollfd *pfd, uint64_t id)
 {
 	struct fd_handler *h;
 
-	for (int i = 0; i < l->n_queues; i++) {
-		if (l->queues[i].completion_fd == pfd->fd && l->queues[i].outstanding) {
-			drain_eventfd(pfd->fd);
-			l->queues[i].kicked = true;
-			return;
+	if (!id) {
+		for (int i = 0; i < l->n_queues; i++) {
+			if (l->queues[i].completion_fd == pfd->fd && l->queues[i].outstanding) {
+				drain_eventfd(pfd->fd);
+				l->queues[i].kicked = true;
+				return;
+			}
 		}
+		return;
 	}
-	/* Look the handler up again: an earlier callback may have removed it. */
-	h = find_handler(l, pfd->fd);
+	/*
+	 * Look the handler up again, by registration: an earlier callback may
+	 * have removed it, or closed its fd and registered another fd that got
+	 * the same number — whose readiness this event does not describe.
+	 */
+	h = find_handler_by(l, id, false);
 	if (h)
 		h->cb(h->opaque, pfd->fd, pfd->revents);
 }
@@ -388,7 +475,7 @@ static bool poll_and_dispatch(struct vd_loop *l)
 		if (!l->pollfds[i].revents)
 			continue;
 		left--;
-		dispatch_pollfd(l, &l->pollfds[i]);
+		dispatch_pollfd(l, &l->pollfds[i], l->pollids[i]);
 	}
 	return service_queues(l) || ready > 0 || busy_poll;
 }
@@ -420,12 +507,118 @@ static bool anything_to_wait_for(struct vd_loop *l)
 	return false;
 }
 
+/* ---- waiting on the loop's io_uring ------------------------------------------------ */
+
+static bool ring_ready(struct vd_loop *l)
+{
+	if (l->uring_state == 0) {
+		const char *mode = getenv("VDISK_LOOP");
+
+		l->uring_state = -1;
+		if ((!mode || strcmp(mode, "poll") != 0) && io_uring_queue_init(RING_ENTRIES, &l->uring, 0) == 0)
+			l->uring_state = 1;
+	}
+	return l->uring_state > 0;
+}
+
+static bool arm(struct vd_loop *l, int fd, short events, int kind, uint64_t *token)
+{
+	struct io_uring_sqe *sqe = get_sqe(l);
+
+	if (!sqe)
+		return false;
+	*token = ++l->next_token;
+	io_uring_prep_poll_add(sqe, fd, (unsigned)events);
+	io_uring_sqe_set_data64(sqe, *token << 2 | (uint64_t)kind);
+	return true;
+}
+
+static void ring_dispatch(struct vd_loop *l, uint64_t data, int res)
+{
+	uint64_t token = data >> 2;
+	struct fd_handler *h;
+
+	switch (data & 3) {
+	case UD_QUEUE:
+		for (int i = 0; i < l->n_queues; i++) {
+			struct loop_queue *lq = &l->queues[i];
+
+			if (lq->armed == token) {
+				lq->armed = 0;
+				drain_eventfd(lq->completion_fd);
+				lq->kicked = true;
+				return;
+			}
+		}
+		return;
+	case UD_HANDLER:
+		/* By token: a handler removed, re-registered or re-armed since gets nothing. */
+		h = find_handler_by(l, token, true);
+		if (!h)
+			return;
+		h->armed = 0;
+		if (res < 0)
+			res = POLLERR; /* the poll itself failed (e.g. a bad fd): let the owner find out */
+		h->cb(h->opaque, h->fd, res);
+		return;
+	default:
+		return;
+	}
+}
+
+static bool ring_wait_and_dispatch(struct vd_loop *l)
+{
+	struct __kernel_timespec zero = { 0 };
+	struct io_uring_cqe *cqe;
+	bool busy_poll = false;
+	unsigned head, n = 0;
+	uint64_t cqes[COMPLETION_BATCH][2];
+	int ret;
+
+	for (int i = 0; i < l->n_queues; i++) {
+		struct loop_queue *lq = &l->queues[i];
+
+		if (!lq->outstanding)
+			continue;
+		if (lq->completion_fd < 0)
+			busy_poll = true; /* a poll queue: it only progresses if we keep calling do_io */
+		else if (!lq->armed && !arm(l, lq->completion_fd, POLLIN, UD_QUEUE, &lq->armed))
+			return poll_and_dispatch(l);
+	}
+	for (int i = 0; i < l->n_handlers; i++) {
+		struct fd_handler *h = &l->handlers[i];
+
+		if (h->armed)
+			continue;
+		if (!arm(l, h->fd, h->events, UD_HANDLER, &h->armed))
+			return poll_and_dispatch(l);
+		h->armed_events = h->events;
+	}
+	ret = io_uring_submit_and_wait_timeout(&l->uring, &cqe, 1, busy_poll ? &zero : NULL, NULL);
+	if (ret < 0 && ret != -ETIME && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)
+		fprintf(stderr, "vd_loop: io_uring wait: %s\n", strerror(-ret));
+	/* Copy the CQEs out first: handlers may arm or cancel polls (new SQEs) while we dispatch. */
+	io_uring_for_each_cqe(&l->uring, head, cqe) {
+		if (n == COMPLETION_BATCH)
+			break;
+		cqes[n][0] = cqe->user_data;
+		cqes[n][1] = (uint64_t)(int64_t)cqe->res;
+		n++;
+	}
+	io_uring_cq_advance(&l->uring, n);
+	for (unsigned i = 0; i < n; i++)
+		ring_dispatch(l, cqes[i][0], (int)(int64_t)cqes[i][1]);
+	return service_queues(l) || n > 0 || busy_poll;
+}
+
 static bool wait_for_events(struct vd_loop *l)
 {
 	int sole = sole_busy_queue(l);
 
 	if (sole >= 0)
 		return service_queue(l, sole, 1) > 0;
+	if (ring_ready(l))
+		return ring_wait_and_dispatch(l);
 	return poll_and_dispatch(l);
 }
 

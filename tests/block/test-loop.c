@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* The per-thread loop: libvdisk queues, scheduled coroutines, fd handlers. */
+#include <fcntl.h>
 #include <poll.h>
 
 #include "test-block-util.h"
@@ -124,6 +125,100 @@ static void fd_handler_runs_when_readable(void **state)
 	close(t.fds[1]);
 }
 
+/*
+ * Two fds ready in one round; the first one's handler closes the second and
+ * opens another fd that gets the same number.  The second fd's event must not
+ * reach the new fd's handler (its fd is not readable), in either wait mode.
+ */
+struct reuse_test {
+	int a[2], b[2], c[2];
+	int a_calls, b_calls, new_calls;
+};
+
+static void on_new(void *opaque, int fd, int revents)
+{
+	struct reuse_test *t = opaque;
+	char ch;
+
+	t->new_calls++;
+	assert_true(revents & POLLIN);
+	assert_int_equal(read(fd, &ch, 1), 1); /* would block if called for the stale event */
+}
+
+static void on_b(void *opaque, int fd, int revents)
+{
+	struct reuse_test *t = opaque;
+
+	(void)fd;
+	(void)revents;
+	t->b_calls++;
+}
+
+static void on_a(void *opaque, int fd, int revents)
+{
+	struct reuse_test *t = opaque;
+	struct vd_loop *l = vd_loop_get();
+	int old = t->b[0];
+	char ch;
+
+	(void)revents;
+	t->a_calls++;
+	assert_int_equal(read(fd, &ch, 1), 1);
+	vd_loop_del_fd_handler(l, t->a[0]);
+	/* Close b's read end and put a fresh, empty pipe on its number. */
+	vd_loop_del_fd_handler(l, old);
+	assert_int_equal(pipe2(t->c, O_NONBLOCK), 0); /* a stale call fails its read instead of hanging */
+	assert_int_equal(dup2(t->c[0], old), old); /* closes b's read end */
+	close(t->c[0]);
+	t->c[0] = old;
+	assert_int_equal(vd_loop_set_fd_handler(l, old, POLLIN, on_new, t), 0);
+}
+
+static void stale_event_after_fd_reuse(const char *mode)
+{
+	struct reuse_test t = { 0 };
+	struct vd_loop *l;
+
+	vd_loop_free_current();
+	setenv("VDISK_LOOP", mode, 1);
+	l = vd_loop_get();
+	assert_int_equal(pipe(t.a), 0);
+	assert_int_equal(pipe(t.b), 0);
+	assert_int_equal(vd_loop_set_fd_handler(l, t.a[0], POLLIN, on_a, &t), 0);
+	assert_int_equal(vd_loop_set_fd_handler(l, t.b[0], POLLIN, on_b, &t), 0);
+	assert_int_equal(write(t.a[1], "x", 1), 1);
+	assert_int_equal(write(t.b[1], "x", 1), 1);
+	assert_true(vd_loop_run_once(l, true));
+	assert_int_equal(t.a_calls, 1);
+	if (t.b_calls == 0) /* a ran first (the case under test) */
+		assert_int_equal(t.new_calls, 0);
+	/* The new fd's handler works once its fd is really readable. */
+	assert_int_equal(write(t.c[1], "y", 1), 1);
+	while (t.new_calls == 0)
+		vd_loop_run_once(l, true);
+	assert_int_equal(t.new_calls, 1);
+	vd_loop_del_fd_handler(l, t.c[0]);
+	close(t.a[0]);
+	close(t.a[1]);
+	close(t.b[1]);
+	close(t.c[0]);
+	close(t.c[1]);
+	vd_loop_free_current();
+	unsetenv("VDISK_LOOP");
+}
+
+static void stale_event_after_fd_reuse_ring(void **state)
+{
+	(void)state;
+	stale_event_after_fd_reuse("io_uring");
+}
+
+static void stale_event_after_fd_reuse_poll(void **state)
+{
+	(void)state;
+	stale_event_after_fd_reuse("poll");
+}
+
 static void reschedule_self(void *opaque)
 {
 	int *runs = opaque;
@@ -160,6 +255,8 @@ int main(void)
 		cmocka_unit_test(rejected_request_reports_error),
 		cmocka_unit_test(two_queues_progress_together),
 		cmocka_unit_test(fd_handler_runs_when_readable),
+		cmocka_unit_test(stale_event_after_fd_reuse_ring),
+		cmocka_unit_test(stale_event_after_fd_reuse_poll),
 		cmocka_unit_test(scheduled_coroutine_runs_once_per_iteration),
 	};
 	int ret = cmocka_run_group_tests(tests, NULL, NULL);
