@@ -26,6 +26,7 @@
 #   RUNS/-r      rounds (default 3)
 #   QSD_AIO      aio= for qemu-storage-daemon's file node (default: its own
 #                default, threads; io_uring is the faster choice there)
+#   VDISKD_AIO   aio= for vdiskd's file node (default: its own default, io_uring)
 #   ONLY         space-separated case names to run (default: all)
 set -euo pipefail
 
@@ -37,6 +38,7 @@ RUNTIME=${RUNTIME:-5}
 SIZE_MB=${SIZE_MB:-512}
 RUNS=${RUNS:-3}
 QSD_AIO=${QSD_AIO:-}
+VDISKD_AIO=${VDISKD_AIO:-}
 ONLY=${ONLY:-}
 OUT=""
 
@@ -46,7 +48,7 @@ while getopts "t:s:r:o:h" opt; do
 	s) SIZE_MB=$OPTARG ;;
 	r) RUNS=$OPTARG ;;
 	o) OUT=$OPTARG ;;
-	h) sed -n '3,29p' "$0"; exit 0 ;;
+	h) sed -n '3,30p' "$0"; exit 0 ;;
 	*) exit 2 ;;
 	esac
 done
@@ -96,7 +98,8 @@ start_server() { # server image fmt
 	local server=$1 image=$2 fmt=$3 aio=""
 	case $server in
 	vdiskd)
-		"$VDISKD" --blockdev "driver=file,node-name=f0,filename=$image" \
+		[ -n "$VDISKD_AIO" ] && aio=",aio=$VDISKD_AIO"
+		"$VDISKD" --blockdev "driver=file,node-name=f0,filename=$image$aio" \
 			--blockdev "driver=$fmt,node-name=n0,file=f0" \
 			--export "type=fuse,id=e0,node-name=n0,mountpoint=$mnt,writable=on" \
 			>"$work/server.log" 2>&1 &
@@ -156,10 +159,11 @@ print(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], "%.1f" % iops, "%.1f" 
 	done
 done
 
-table=$(python3 - "$results" "$RUNS" "$RUNTIME" "$SIZE_MB" "${QSD_AIO:-threads (default)}" <<'EOF'
+table=$(python3 - "$results" "$RUNS" "$RUNTIME" "$SIZE_MB" "${QSD_AIO:-threads (default)}" \
+	"${VDISKD_AIO:-io_uring (default)}" <<'EOF'
 import statistics, sys
 from collections import defaultdict
-path, runs, runtime, size, aio = sys.argv[1:]
+path, runs, runtime, size, aio, vaio = sys.argv[1:]
 vals = defaultdict(list)
 order = []
 for line in open(path):
@@ -168,7 +172,7 @@ for line in open(path):
         order.append((image, name))
     vals[(image, name, server)].append((float(iops), float(mib)))
 print(f"fio io_uring direct=1 on the mountpoint, {runtime} s per case, {size} MiB images, "
-      f"median of {runs} rounds; qemu-storage-daemon aio={aio}")
+      f"median of {runs} rounds; vdiskd aio={vaio}, qemu-storage-daemon aio={aio}")
 print()
 print("| image | case | vdiskd | qemu-storage-daemon | ratio |")
 print("|---|---|---|---|---|")

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from conftest import MiB, QMPError, is_mounted, make_raw, run, VDISKD_PATH
+from conftest import MiB, QMPError, VDISKD_PATH, is_mounted, make_raw, run, wait_for
 
 
 @pytest.fixture
@@ -103,3 +103,13 @@ def test_allow_other(fuse, raw):
         opts = [line.split()[-1] for line in open("/proc/self/mountinfo") if line.split()[4] == str(mnt)][0]
         assert ("allow_other" in opts) is want
         d.stop()
+
+
+def test_unmounted_behind_our_back(fuse, raw):
+    d, mnt = fuse.start(raw)
+    os.stat(mnt)
+    run(["umount", "-l", mnt])
+    wait_for(lambda: "kernel connection" in d.output(), what="the daemon noticing the unmount")
+    assert d.qmp("query-stats", target="export")["exports"][0]["mounted"] is False
+    d.qmp("block-export-del", id="e0")
+    assert not is_mounted(mnt) and os.stat(mnt).st_size == 0
