@@ -26,21 +26,32 @@
 #   RUNTIME/-t   seconds per fio run (default 10)
 #   SIZE_MB/-s   image size in MiB (default 1024); the raw image is filled with
 #                random data (holes would let nbdcopy skip the reads)
-#   REPEAT/-r    rounds over all servers (default 1); each number reported is
-#                the best of its rounds, and servers alternate within a round,
-#                so background load hits them alike
+#   REPEAT/-r    rounds over all servers (default 1; RUNS is an alias); each
+#                number reported is the median of its rounds, and servers
+#                alternate within a round, so background load hits them alike
+#   RAW_OUT      if set, a copy of the raw per-round figures is written there
 #   ONLY         space-separated server names to run (default: all)
+#   VDISKD_BEFORE another vdiskd binary (e.g. an older build) to run as the extra
+#                servers before-raw and before-null, for a before/after comparison
+#                under the same load
+#
+# Besides IOPS, the fio tests report the server's CPU time per request (user +
+# system of the server process, /proc/PID/stat, over the fio run including its
+# 1 s ramp, divided by IOPS x (runtime + 1)): it is far less sensitive to other
+# load on the machine than IOPS, and shows what each server spends per request.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 BUILD=${VDISK_BUILD:-$repo/build}
 VDISKD=$BUILD/daemon/vdiskd
+VDISKD_BEFORE=${VDISKD_BEFORE:-}
 RUNTIME=${RUNTIME:-10}
 SIZE_MB=${SIZE_MB:-1024}
 OUT=""
 ONLY=${ONLY:-}
-REPEAT=${REPEAT:-1}
+REPEAT=${REPEAT:-${RUNS:-1}}
+RAW_OUT=${RAW_OUT:-}
 
 while getopts "t:s:o:r:h" opt; do
 	case $opt in
@@ -48,7 +59,7 @@ while getopts "t:s:o:r:h" opt; do
 	s) SIZE_MB=$OPTARG ;;
 	r) REPEAT=$OPTARG ;;
 	o) OUT=$OPTARG ;;
-	h) sed -n '3,32p' "$0"; exit 0 ;;
+	h) sed -n '3,41p' "$0"; exit 0 ;;
 	*) exit 2 ;;
 	esac
 done
@@ -81,8 +92,8 @@ qemu-img convert -f raw -O qcow2 "$raw" "$qcow2"
 start() {
 	rm -f "$sock"
 	case $1 in
-	vdiskd-raw)
-		"$VDISKD" --blockdev "driver=file,node-name=f0,filename=$raw" --blockdev driver=raw,node-name=d,file=f0 \
+	vdiskd-raw|before-raw)
+		"$([ "$1" = before-raw ] && echo "$VDISKD_BEFORE" || echo "$VDISKD")" --blockdev "driver=file,node-name=f0,filename=$raw" --blockdev driver=raw,node-name=d,file=f0 \
 			--nbd-server "addr.type=unix,addr.path=$sock" --export type=nbd,id=e,node-name=d,writable=on &
 		uri="nbd+unix:///d?socket=$sock" ;;
 	vdiskd-raw-threads)
@@ -99,8 +110,8 @@ start() {
 		"$VDISKD" --blockdev "driver=file,node-name=f0,filename=$qcow2" --blockdev driver=qcow2,node-name=d,file=f0 \
 			--nbd-server "addr.type=unix,addr.path=$sock" --export type=nbd,id=e,node-name=d,writable=on &
 		uri="nbd+unix:///d?socket=$sock" ;;
-	vdiskd-null)
-		"$VDISKD" --blockdev "driver=null-co,node-name=d,size=$size,read-zeroes=off" \
+	vdiskd-null|before-null)
+		"$([ "$1" = before-null ] && echo "$VDISKD_BEFORE" || echo "$VDISKD")" --blockdev "driver=null-co,node-name=d,size=$size,read-zeroes=off" \
 			--nbd-server "addr.type=unix,addr.path=$sock" --export type=nbd,id=e,node-name=d,writable=on &
 		uri="nbd+unix:///d?socket=$sock" ;;
 	vdiskd-null-1ms)
@@ -154,11 +165,21 @@ stop() {
 results=$work/results.txt
 : >"$results"
 
-fio_iops() { # rw qd
-	fio --name=b --ioengine=nbd --uri="$uri" --rw="$1" --bs=4k --iodepth="$2" --size="${SIZE_MB}M" \
-		--time_based --runtime="$RUNTIME" --ramp_time=1 --output-format=json 2>/dev/null |
-		python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"]))'
+server_ticks() {
+	awk '{print $14 + $15}' "/proc/$server_pid/stat"
 }
+
+fio_iops() { # rw qd: prints IOPS; appends the server's CPU µs per request to $cpu_file
+	local t0 t1 iops
+	t0=$(server_ticks)
+	iops=$(fio --name=b --ioengine=nbd --uri="$uri" --rw="$1" --bs=4k --iodepth="$2" --size="${SIZE_MB}M" \
+		--time_based --runtime="$RUNTIME" --ramp_time=1 --output-format=json 2>/dev/null |
+		python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"]))')
+	t1=$(server_ticks)
+	python3 -c "import os; print(round(($t1 - $t0) * 1e6 / os.sysconf('SC_CLK_TCK') / max(1, $iops * ($RUNTIME + 1)), 2))" >"$cpu_file"
+	echo "$iops"
+}
+cpu_file=$work/cpu
 
 copy_mibs() { # connections
 	local t0 t1
@@ -187,7 +208,12 @@ run_server() {
 		seqread-4conn) v=$(copy_mibs 4) ;;
 		esac
 		echo "$name $t $v" >>"$results"
-		echo "#   $t: $v" >&2
+		if [[ $t == rand* ]]; then
+			echo "$name cpu:$t $(cat "$cpu_file")" >>"$results"
+			echo "#   $t: $v (server CPU $(cat "$cpu_file") µs/request)" >&2
+		else
+			echo "#   $t: $v" >&2
+		fi
 	done
 	echo "$name multi-conn $mc" >>"$results"
 	stop
@@ -196,6 +222,10 @@ run_server() {
 GROUPS_RAW="vdiskd-raw vdiskd-raw-threads vdiskd-raw-direct nbdkit-file qemu-nbd-raw-none qemu-nbd-raw-wb"
 GROUPS_QCOW2="vdiskd-qcow2 qemu-nbd-qcow2"
 GROUPS_NULL="vdiskd-null nbdkit-null qemu-nbd-null"
+if [ -n "$VDISKD_BEFORE" ]; then
+	GROUPS_RAW="before-raw $GROUPS_RAW"
+	GROUPS_NULL="before-null $GROUPS_NULL"
+fi
 GROUPS_SLOW="vdiskd-null-1ms nbdkit-null-1ms qemu-nbd-null-1ms"
 for round in $(seq "$REPEAT"); do
 	[ "$REPEAT" -gt 1 ] && echo "## round $round of $REPEAT" >&2
@@ -216,18 +246,23 @@ path, runtime, size_mb = sys.argv[1], sys.argv[2], sys.argv[3]
 groups = [("raw file", sys.argv[4].split()), ("qcow2", sys.argv[5].split()), ("null", sys.argv[6].split()),
           ("slow null (1 ms per request)", sys.argv[8].split())]
 rounds = sys.argv[7]
+import statistics
 res = collections.defaultdict(dict)
+vals = collections.defaultdict(list)
 for line in open(path):
     name, test, val = line.split()
     if test == "multi-conn":
         res[name][test] = val
-    elif test not in res[name] or float(val) > float(res[name][test]):
-        res[name][test] = val  # best of the rounds
+    else:
+        vals[(name, test)].append(float(val))
+for (name, test), v in vals.items():
+    m = statistics.median(v)  # median of the rounds
+    res[name][test] = f"{m:.2f}" if test.startswith("cpu:") else str(round(m))
 tests = ["randread-qd1", "randread-qd32", "randread-qd128", "randwrite-qd1", "randwrite-qd32", "seqread-1conn",
          "seqread-4conn"]
 units = {t: ("IOPS" if t.startswith("rand") else "MiB/s") for t in tests}
 load = open("/proc/loadavg").read().split()[:3]
-print(f"NBD export benchmark: {size_mb} MiB image, fio {runtime}s per point, best of {rounds} round(s), "
+print(f"NBD export benchmark: {size_mb} MiB image, fio {runtime}s per point, median of {rounds} round(s), "
       f"{os.cpu_count()} CPUs, kernel {platform.release()}, load average at the end {' '.join(load)}")
 print()
 for title, names in groups:
@@ -240,6 +275,9 @@ for title, names in groups:
     print("|---|---|" + "---:|" * len(names))
     for t in tests:
         print(f"| {t} | {units[t]} | " + " | ".join(res[n].get(t, "-") for n in names) + " |")
+    for t in tests:
+        if t.startswith("rand"):
+            print(f"| {t} server CPU | µs/req | " + " | ".join(res[n].get("cpu:" + t, "-") for n in names) + " |")
     print("| multi-conn | | " + " | ".join(res[n].get("multi-conn", "-") for n in names) + " |")
     print()
     base = [n for n in names if n.startswith("vdiskd")]
@@ -252,11 +290,20 @@ for title, names in groups:
                     ratios.append(f"{t} {float(res[b][t]) / float(res[o][t]):.2f}")
                 except (KeyError, ValueError, ZeroDivisionError):
                     pass
-            print(f"- {b} / {o}: " + ", ".join(ratios))
+            print(f"- {b} / {o} (throughput): " + ", ".join(ratios))
+            ratios = []
+            for t in tests:
+                try:
+                    ratios.append(f"{t} {float(res[b]['cpu:' + t]) / float(res[o]['cpu:' + t]):.2f}")
+                except (KeyError, ValueError, ZeroDivisionError):
+                    pass
+            if ratios:
+                print(f"- {b} / {o} (server CPU per request, lower is better): " + ", ".join(ratios))
     print()
 EOF
 )
 echo "$report"
+[ -n "$RAW_OUT" ] && cp "$results" "$RAW_OUT"
 if [ -n "$OUT" ]; then
 	echo "$report" >>"$OUT"
 fi

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * The NBD export: the server side of the NBD protocol (fixed newstyle
- * negotiation, structured replies, base:allocation and
+ * negotiation, structured replies, extended headers, base:allocation and
  * qemu:allocation-depth block status, TLS with X.509 or PSK credentials).
  *
  * Threads.  The NBD server (listeners, handshakes) runs in the main thread;
@@ -17,17 +17,22 @@
  *     connection has max-inflight requests or BUDGET payload bytes in
  *     flight, so a client that floods or never reads its replies is held
  *     back by TCP instead of by our memory;
- *   - a request coroutine does its block-layer call, then takes the
- *     connection's send lock (so replies never interleave) and sends its
- *     reply: replies go out as requests complete, not in order.  A full
- *     socket parks the sender on POLLOUT; the loop and every other client
- *     keep running.
+ *   - a request coroutine does its block-layer call, then queues its
+ *     reply on the connection; a flush coroutine sends all replies queued
+ *     in one loop round with one sendmsg (see queue_reply).  Replies go out
+ *     as requests complete, not in order, and never interleave (the send
+ *     lock).  A full socket parks the sender on POLLOUT; the loop and every
+ *     other client keep running.
  * When the receive coroutine stops (end of file, NBD_CMD_DISC, a protocol
  * error, shutdown), it waits for the requests in flight to finish, then
  * frees the connection: nothing outlives it.
  *
  * The negotiation is written as named states (hs_*), each returning the
  * next; every failure ends in HS_DEAD.
+ *
+ * Extended headers (NBD_OPT_EXTENDED_HEADERS) switch a connection to
+ * 32-byte requests with 64-bit lengths and 32-byte reply chunks
+ * (chunk_header() writes either form).
  */
 #include <arpa/inet.h>
 #include <endian.h>
@@ -60,6 +65,8 @@
 #define NBD_REQUEST_MAGIC 0x25609513u
 #define NBD_SIMPLE_REPLY_MAGIC 0x67446698u
 #define NBD_STRUCTURED_REPLY_MAGIC 0x668e33efu
+#define NBD_EXTENDED_REQUEST_MAGIC 0x21e41c71u
+#define NBD_EXTENDED_REPLY_MAGIC 0x6e8a278cu
 
 enum { NBD_FLAG_FIXED_NEWSTYLE = 1 << 0, NBD_FLAG_NO_ZEROES = 1 << 1 };
 enum { NBD_FLAG_C_FIXED_NEWSTYLE = 1 << 0, NBD_FLAG_C_NO_ZEROES = 1 << 1 };
@@ -90,6 +97,7 @@ enum {
 	NBD_REP_ERR_UNKNOWN = NBD_REP_ERR(6),
 	NBD_REP_ERR_SHUTDOWN = NBD_REP_ERR(7),
 	NBD_REP_ERR_TOO_BIG = NBD_REP_ERR(9),
+	NBD_REP_ERR_EXT_HEADER_REQD = NBD_REP_ERR(10),
 };
 
 enum { NBD_INFO_EXPORT = 0, NBD_INFO_NAME = 1, NBD_INFO_DESCRIPTION = 2, NBD_INFO_BLOCK_SIZE = 3 };
@@ -125,6 +133,7 @@ enum {
 	NBD_CMD_FLAG_DF = 1 << 2,
 	NBD_CMD_FLAG_REQ_ONE = 1 << 3,
 	NBD_CMD_FLAG_FAST_ZERO = 1 << 4,
+	NBD_CMD_FLAG_PAYLOAD_LEN = 1 << 5, /* extended headers: length is the payload's */
 };
 
 enum { NBD_REPLY_FLAG_DONE = 1 << 0 };
@@ -133,6 +142,7 @@ enum {
 	NBD_REPLY_TYPE_OFFSET_DATA = 1,
 	NBD_REPLY_TYPE_OFFSET_HOLE = 2,
 	NBD_REPLY_TYPE_BLOCK_STATUS = 5,
+	NBD_REPLY_TYPE_BLOCK_STATUS_EXT = 6,
 	NBD_REPLY_TYPE_ERROR = 32769,
 };
 
@@ -227,12 +237,18 @@ struct nbd_req {
 	struct nbd_req *next_free;
 	uint16_t flags, type;
 	uint64_t cookie, offset;
-	uint32_t len;
+	uint64_t len; /* 32 bits unless extended headers are on */
 	void *buf;
 	size_t buf_len;
 	size_t payload; /* bytes counted against BUDGET */
 	bool nomem;     /* no buffer could be allocated */
 	uint64_t t_start;
+	/* A reply waiting in the connection's send queue (see queue_reply). */
+	struct nbd_req *next_out;
+	bool queued;
+	uint8_t rhdr[40];
+	uint8_t rhdr_len;
+	uint32_t rdata_len; /* bytes of buf sent after rhdr */
 };
 
 struct nbd_conn {
@@ -245,9 +261,11 @@ struct nbd_conn {
 
 	uint8_t *rbuf;
 	size_t rpos, rlen;
+	bool rdry; /* the last recv did not fill rbuf: the socket is probably empty */
 
 	/* Negotiation. */
 	bool no_zeroes, structured;
+	bool extended; /* NBD_OPT_EXTENDED_HEADERS: 32-byte requests and replies (implies structured) */
 	bool ctx_base, ctx_depth;
 	char *meta_export; /* export the contexts were set for */
 	unsigned n_options;
@@ -264,6 +282,8 @@ struct nbd_conn {
 	bool closing;                 /* stop reading requests */
 	bool broken;                  /* the socket is unusable: drop replies */
 	struct nbd_req *reqs, *free_reqs;
+	struct nbd_req *out_head, **out_tail; /* replies to send, with their buffers */
+	bool flushing;                        /* a flush coroutine is scheduled or running */
 };
 
 /* ---- byte order helpers ------------------------------------------------------------------------------ */
@@ -398,8 +418,19 @@ static int fill(struct nbd_conn *c, size_t need)
 			c->rlen -= c->rpos;
 			c->rpos = 0;
 		}
+		if (c->rdry) {
+			/*
+			 * A short read drained the socket: wait for more instead of
+			 * asking (a recv that fails with EAGAIN every loop round).
+			 * Not with TLS, whose library may hold data poll() cannot see.
+			 */
+			c->rdry = false;
+			vdd_cofd_wait(&c->cofd, POLLIN);
+			continue;
+		}
 		n = read_some(c, c->rbuf + c->rlen, RBUF_SIZE - c->rlen);
 		if (n > 0) {
+			c->rdry = !c->tls && (size_t)n < RBUF_SIZE - c->rlen;
 			c->rlen += (size_t)n;
 			continue;
 		}
@@ -628,6 +659,10 @@ static enum hs_state opt_export_name(struct nbd_conn *c, struct option *o)
 	struct nbd_export *e = find_export((const char *)o->data, o->len);
 	uint8_t buf[10 + 124] = { 0 };
 
+	if (c->extended) {
+		vdd_log("nbd client %" PRIu64 ": NBD_OPT_EXPORT_NAME after extended headers (not allowed)", c->id);
+		return HS_DEAD;
+	}
 	if (!e) {
 		vdd_log("nbd client %" PRIu64 ": export '%.*s' not found", c->id, (int)(o->len > 256 ? 256 : o->len),
 			(const char *)o->data);
@@ -693,7 +728,7 @@ static enum hs_state opt_starttls(struct nbd_conn *c, struct option *o)
 		return HS_DEAD;
 	}
 	/* Whatever was negotiated in plain text does not count. */
-	c->structured = c->ctx_base = c->ctx_depth = false;
+	c->structured = c->extended = c->ctx_base = c->ctx_depth = false;
 	return HS_RECV_OPTION;
 }
 
@@ -701,7 +736,19 @@ static enum hs_state opt_structured_reply(struct nbd_conn *c, struct option *o)
 {
 	if (o->len)
 		return after(send_rep_err(c, o->opt, NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data"));
+	if (c->extended)
+		return after(send_rep_err(c, o->opt, NBD_REP_ERR_EXT_HEADER_REQD,
+					  "extended headers are already negotiated"));
 	c->structured = true;
+	return after(send_rep(c, o->opt, NBD_REP_ACK, NULL, 0));
+}
+
+/* Extended headers: 64-bit lengths, 32-byte requests and replies; structured replies come with them. */
+static enum hs_state opt_extended_headers(struct nbd_conn *c, struct option *o)
+{
+	if (o->len)
+		return after(send_rep_err(c, o->opt, NBD_REP_ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data"));
+	c->extended = c->structured = true;
 	return after(send_rep(c, o->opt, NBD_REP_ACK, NULL, 0));
 }
 
@@ -921,7 +968,10 @@ static enum hs_state hs_recv_option(struct nbd_conn *c)
 	case NBD_OPT_SET_META_CONTEXT:
 		next = opt_meta_context(c, &o);
 		break;
-	default: /* NBD_OPT_EXTENDED_HEADERS included: not implemented */
+	case NBD_OPT_EXTENDED_HEADERS:
+		next = opt_extended_headers(c, &o);
+		break;
+	default:
 		next = after(send_rep_err(c, o.opt, NBD_REP_ERR_UNSUP, "option %u not supported", o.opt));
 		break;
 	}
@@ -957,13 +1007,21 @@ static uint32_t nbd_errno(int err)
 	}
 }
 
-static void chunk_header(uint8_t *h, uint16_t flags, uint16_t type, uint64_t cookie, uint32_t len)
+/* Write a structured (20-byte) or extended (32-byte) reply chunk header for r into h; returns its size. */
+static size_t chunk_header(const struct nbd_req *r, uint8_t *h, uint16_t flags, uint16_t type, uint64_t len)
 {
-	put32(h, NBD_STRUCTURED_REPLY_MAGIC);
 	put16(h + 4, flags);
 	put16(h + 6, type);
-	put64(h + 8, cookie);
-	put32(h + 16, len);
+	put64(h + 8, r->cookie);
+	if (!r->conn->extended) {
+		put32(h, NBD_STRUCTURED_REPLY_MAGIC);
+		put32(h + 16, (uint32_t)len);
+		return 20;
+	}
+	put32(h, NBD_EXTENDED_REPLY_MAGIC);
+	put64(h + 16, r->offset);
+	put64(h + 24, len);
+	return 32;
 }
 
 /* Send iov under the connection's send lock. */
@@ -977,31 +1035,108 @@ static int send_locked(struct nbd_conn *c, struct iovec *iov, int niov)
 	return ret;
 }
 
+static void req_release(struct nbd_req *r);
+
+/*
+ * Replies are corked: a finished request puts its reply (header in the
+ * request, payload in its buffer) on the connection's send queue, and one
+ * flush coroutine, run from the loop's next iteration, sends everything
+ * queued by then in one sendmsg and only then releases the requests (and
+ * their buffers).  At queue depth 32 that is one syscall per loop round
+ * instead of one per reply.  Replies that need more than a header and one
+ * buffer (errors, sparse reads, block status) are sent directly under the
+ * send lock, which the flusher also holds while it writes.
+ */
+#define FLUSH_BATCH 256 /* replies per sendmsg */
+
+static void flush_co(void *opaque)
+{
+	struct nbd_conn *c = opaque;
+	struct iovec iov[2 * FLUSH_BATCH];
+
+	vd_co_mutex_lock(&c->send_lock);
+	while (c->out_head) {
+		struct nbd_req *batch = c->out_head, *r, *next;
+		int niov = 0, n = 0;
+
+		/* Take up to FLUSH_BATCH replies off the queue. */
+		for (r = batch; r && n < FLUSH_BATCH; r = r->next_out, n++) {
+			iov[niov++] = (struct iovec){ r->rhdr, r->rhdr_len };
+			if (r->rdata_len)
+				iov[niov++] = (struct iovec){ r->buf, r->rdata_len };
+		}
+		c->out_head = r;
+		if (!r)
+			c->out_tail = &c->out_head;
+		write_iov(c, iov, niov); /* on failure the connection is broken: replies are dropped */
+		for (r = batch; n--; r = next) {
+			next = r->next_out;
+			r->queued = false;
+			req_release(r);
+		}
+	}
+	c->flushing = false;
+	vd_co_mutex_unlock(&c->send_lock);
+}
+
+/* Queue r's reply: r->rhdr (hdr_len bytes) then data_len bytes of r->buf.  The flusher releases r. */
+static int queue_reply(struct nbd_req *r, size_t hdr_len, uint32_t data_len)
+{
+	struct nbd_conn *c = r->conn;
+
+	r->rhdr_len = (uint8_t)hdr_len;
+	r->rdata_len = data_len;
+	if (c->broken)
+		return -1;
+	if (!c->flushing) {
+		struct vd_co *co = vd_co_create(flush_co, c);
+
+		if (!co) {
+			/* No coroutine: send it now. */
+			struct iovec iov[2] = { { r->rhdr, hdr_len }, { r->buf, data_len } };
+
+			return send_locked(c, iov, data_len ? 2 : 1);
+		}
+		c->flushing = true;
+		vd_loop_schedule(c->cofd.loop, co);
+	}
+	r->queued = true;
+	r->next_out = NULL;
+	*c->out_tail = r;
+	c->out_tail = &r->next_out;
+	return 0;
+}
+
 /* A reply without payload: simple, or NONE / ERROR chunk when structured replies are on. */
 static int reply_status(struct nbd_req *r, int err, const char *msg)
 {
 	struct nbd_conn *c = r->conn;
-	uint8_t h[20 + 6 + 256];
+	uint8_t h[32 + 6 + 256];
+	size_t hl;
 	struct iovec iov;
 
-	if (!c->structured) {
+	if (!c->structured && !err) {
+		put32(r->rhdr, NBD_SIMPLE_REPLY_MAGIC);
+		put32(r->rhdr + 4, 0);
+		put64(r->rhdr + 8, r->cookie);
+		return queue_reply(r, 16, 0);
+	} else if (!c->structured) {
 		put32(h, NBD_SIMPLE_REPLY_MAGIC);
-		put32(h + 4, err ? nbd_errno(err) : 0);
+		put32(h + 4, nbd_errno(err));
 		put64(h + 8, r->cookie);
 		iov = (struct iovec){ h, 16 };
 	} else if (!err) {
-		chunk_header(h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, r->cookie, 0);
-		iov = (struct iovec){ h, 20 };
+		return queue_reply(r, chunk_header(r, r->rhdr, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0), 0);
 	} else {
 		size_t mlen = msg ? strlen(msg) : 0;
 
 		if (mlen > 256)
 			mlen = 256;
-		chunk_header(h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, r->cookie, (uint32_t)(6 + mlen));
-		put32(h + 20, nbd_errno(err));
-		put16(h + 24, (uint16_t)mlen);
-		memcpy(h + 26, msg, mlen);
-		iov = (struct iovec){ h, 26 + mlen };
+		hl = chunk_header(r, h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, 6 + mlen);
+		put32(h + hl, nbd_errno(err));
+		put16(h + hl + 4, (uint16_t)mlen);
+		memcpy(h + hl + 6, msg, mlen);
+		iov = (struct iovec){ h, hl + 6 + mlen };
 	}
 	return send_locked(c, &iov, 1);
 }
@@ -1133,7 +1268,7 @@ static int sparse_read(struct nbd_req *r)
 		}
 		pos += ext[i].len;
 	}
-	hdrs = malloc((size_t)m * 32);
+	hdrs = malloc((size_t)m * 48);
 	iov = malloc(sizeof(*iov) * (size_t)m * 2);
 	if (!hdrs || !iov) {
 		ret = 0;
@@ -1141,18 +1276,19 @@ static int sparse_read(struct nbd_req *r)
 	}
 	pos = r->offset;
 	for (int i = 0; i < m; i++) {
-		uint8_t *h = hdrs + 32 * i;
+		uint8_t *h = hdrs + 48 * i;
 		uint16_t flags = i == m - 1 ? NBD_REPLY_FLAG_DONE : 0;
+		size_t hl;
 
 		if (ext[i].state & NBD_STATE_ZERO) {
-			chunk_header(h, flags, NBD_REPLY_TYPE_OFFSET_HOLE, r->cookie, 12);
-			put64(h + 20, pos);
-			put32(h + 28, (uint32_t)ext[i].len);
-			iov[niov++] = (struct iovec){ h, 32 };
+			hl = chunk_header(r, h, flags, NBD_REPLY_TYPE_OFFSET_HOLE, 12);
+			put64(h + hl, pos);
+			put32(h + hl + 8, (uint32_t)ext[i].len);
+			iov[niov++] = (struct iovec){ h, hl + 12 };
 		} else {
-			chunk_header(h, flags, NBD_REPLY_TYPE_OFFSET_DATA, r->cookie, (uint32_t)(8 + ext[i].len));
-			put64(h + 20, pos);
-			iov[niov++] = (struct iovec){ h, 28 };
+			hl = chunk_header(r, h, flags, NBD_REPLY_TYPE_OFFSET_DATA, 8 + ext[i].len);
+			put64(h + hl, pos);
+			iov[niov++] = (struct iovec){ h, hl + 8 };
 			iov[niov++] = (struct iovec){ (uint8_t *)r->buf + (pos - r->offset), ext[i].len };
 		}
 		pos += ext[i].len;
@@ -1169,8 +1305,7 @@ out:
 static int cmd_read(struct nbd_req *r)
 {
 	struct nbd_conn *c = r->conn;
-	uint8_t h[28];
-	struct iovec iov[2];
+	uint8_t *h = r->rhdr;
 	int ret;
 
 	if (r->len == 0)
@@ -1186,17 +1321,16 @@ static int cmd_read(struct nbd_req *r)
 	if (ret < 0)
 		goto fail;
 	if (c->structured) {
-		chunk_header(h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, r->cookie, 8 + r->len);
-		put64(h + 20, r->offset);
-		iov[0] = (struct iovec){ h, 28 };
+		size_t hl = chunk_header(r, h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 8 + r->len);
+
+		put64(h + hl, r->offset);
+		queue_reply(r, hl + 8, (uint32_t)r->len);
 	} else {
 		put32(h, NBD_SIMPLE_REPLY_MAGIC);
 		put32(h + 4, 0);
 		put64(h + 8, r->cookie);
-		iov[0] = (struct iovec){ h, 16 };
+		queue_reply(r, 16, (uint32_t)r->len);
 	}
-	iov[1] = (struct iovec){ r->buf, r->len };
-	send_locked(c, iov, 2);
 	return 0;
 fail:
 	reply_status(r, -ret, "read failed");
@@ -1283,8 +1417,10 @@ static int cmd_block_status(struct nbd_req *r)
 	struct extent *ext = malloc(sizeof(*ext) * (size_t)max);
 	uint8_t *payload = NULL;
 	struct iovec iov[4];
-	uint8_t hb[20], hd[20];
+	uint8_t hb[32], hd[32];
 	int niov = 0;
+	/* Compact: context id, then (32-bit length, status) pairs.  Extended: id, count, (64-bit length, 64-bit status). */
+	size_t head = c->extended ? 8 : 4, dsize = c->extended ? 16 : 8;
 
 	if (!ext) {
 		reply_status(r, ENOMEM, "out of memory");
@@ -1297,7 +1433,7 @@ static int cmd_block_status(struct nbd_req *r)
 		return ret;
 	}
 	/* Two descriptor lists (one per context), each merging equal neighbours. */
-	payload = malloc(2 * (4 + 8 * (size_t)n));
+	payload = malloc(2 * (head + dsize * (size_t)n));
 	if (!payload) {
 		free(ext);
 		reply_status(r, ENOMEM, "out of memory");
@@ -1305,28 +1441,43 @@ static int cmd_block_status(struct nbd_req *r)
 	}
 	for (int k = 0; k < 2; k++) {
 		bool want = k == 0 ? c->ctx_base : c->ctx_depth;
-		uint8_t *p = payload + k * (4 + 8 * (size_t)n), *h = k == 0 ? hb : hd;
+		uint8_t *p = payload + k * (head + dsize * (size_t)n), *h = k == 0 ? hb : hd;
 		uint32_t ndesc = 0, last = 0;
+		uint64_t cur = 0; /* length of the open descriptor */
+		size_t hl;
 
 		if (!want)
 			continue;
 		put32(p, k == 0 ? CTX_BASE_ALLOCATION : CTX_ALLOCATION_DEPTH);
 		for (int i = 0; i < n; i++) {
 			uint32_t v = k == 0 ? ext[i].state : ext[i].depth;
-			uint8_t *d = p + 4 + 8 * ndesc;
+			uint8_t *d = p + head + dsize * ndesc;
 
-			if (ndesc && v == last && get32(d - 8) + ext[i].len <= UINT32_MAX) {
-				put32(d - 8, get32(d - 8) + (uint32_t)ext[i].len);
+			if (ndesc && v == last && (c->extended || cur + ext[i].len <= UINT32_MAX)) {
+				cur += ext[i].len;
+				if (c->extended)
+					put64(d - 16, cur);
+				else
+					put32(d - 8, (uint32_t)cur);
 				continue;
 			}
-			put32(d, (uint32_t)ext[i].len);
-			put32(d + 4, v);
+			cur = ext[i].len;
+			if (c->extended) {
+				put64(d, cur);
+				put64(d + 8, v);
+			} else {
+				put32(d, (uint32_t)cur);
+				put32(d + 4, v);
+			}
 			last = v;
 			ndesc++;
 		}
-		chunk_header(h, 0, NBD_REPLY_TYPE_BLOCK_STATUS, r->cookie, 4 + 8 * ndesc);
-		iov[niov++] = (struct iovec){ h, 20 };
-		iov[niov++] = (struct iovec){ p, 4 + 8 * ndesc };
+		if (c->extended)
+			put32(p + 4, ndesc);
+		hl = chunk_header(r, h, 0, c->extended ? NBD_REPLY_TYPE_BLOCK_STATUS_EXT : NBD_REPLY_TYPE_BLOCK_STATUS,
+				  head + dsize * ndesc);
+		iov[niov++] = (struct iovec){ h, hl };
+		iov[niov++] = (struct iovec){ p, head + dsize * ndesc };
 	}
 	/* The last chunk is the final one. */
 	put16((uint8_t *)iov[niov - 2].iov_base + 4, NBD_REPLY_FLAG_DONE);
@@ -1360,6 +1511,10 @@ static int validate(struct nbd_req *r, const char **msg)
 		}
 		break;
 	case NBD_CMD_WRITE:
+		if (c->extended)
+			allowed |= NBD_CMD_FLAG_PAYLOAD_LEN;
+		writes = true;
+		break;
 	case NBD_CMD_TRIM:
 		writes = true;
 		break;
@@ -1386,7 +1541,8 @@ static int validate(struct nbd_req *r, const char **msg)
 		return EINVAL;
 	}
 	if (r->flags & ~allowed) {
-		*msg = "invalid command flags";
+		/* A payload on a command that takes none was consumed already (extended headers). */
+		*msg = r->flags & NBD_CMD_FLAG_PAYLOAD_LEN ? "unexpected payload" : "invalid command flags";
 		return EINVAL;
 	}
 	if (writes && !c->exp->writable) {
@@ -1484,9 +1640,10 @@ static void req_co(void *opaque)
 			vd_io_stats_account(exp->node_stats, op, bytes, t_end - t_io, ret < 0);
 	}
 	if (ret < 0 && vdd_verbose)
-		vdd_log("nbd client %" PRIu64 ": command %u [%" PRIu64 ", +%u) failed: %s", c->id, r->type, r->offset,
+		vdd_log("nbd client %" PRIu64 ": command %u [%" PRIu64 ", +%" PRIu64 ") failed: %s", c->id, r->type, r->offset,
 			r->len, strerror(-ret));
-	req_release(r);
+	if (!r->queued)
+		req_release(r); /* else the flusher does, once the reply is out */
 }
 
 /* The receive coroutine: requests in, until the connection ends. */
@@ -1494,9 +1651,11 @@ static void recv_loop(struct nbd_conn *c)
 {
 	struct nbd_export *e = c->nexp;
 	unsigned burst = 0;
+	size_t hsize = c->extended ? 32 : 28;
 
 	for (;;) {
 		struct nbd_req *r;
+		bool has_payload;
 		uint32_t magic;
 		uint8_t *h;
 		size_t payload;
@@ -1514,11 +1673,11 @@ static void recv_loop(struct nbd_conn *c)
 			vd_co_yield();
 			continue;
 		}
-		if (fill(c, 28) < 0)
+		if (fill(c, hsize) < 0)
 			break;
 		h = c->rbuf + c->rpos;
 		magic = get32(h);
-		if (magic != NBD_REQUEST_MAGIC) {
+		if (magic != (c->extended ? NBD_EXTENDED_REQUEST_MAGIC : NBD_REQUEST_MAGIC)) {
 			vdd_log("nbd client %" PRIu64 ": bad request magic 0x%08x: protocol error, hanging up", c->id, magic);
 			conn_break(c);
 			break;
@@ -1529,12 +1688,14 @@ static void recv_loop(struct nbd_conn *c)
 		r->type = get16(h + 6);
 		r->cookie = get64(h + 8);
 		r->offset = get64(h + 16);
-		r->len = get32(h + 24);
+		r->len = c->extended ? get64(h + 24) : get32(h + 24);
 		r->buf = NULL;
 		r->buf_len = 0;
 		r->payload = 0;
 		r->nomem = false;
-		c->rpos += 28;
+		c->rpos += hsize;
+		/* Compact requests: only writes carry a payload.  Extended: whatever has NBD_CMD_FLAG_PAYLOAD_LEN. */
+		has_payload = c->extended ? (r->flags & NBD_CMD_FLAG_PAYLOAD_LEN) != 0 : r->type == NBD_CMD_WRITE;
 		r->t_start = vdd_now_ns();
 		if (r->type == NBD_CMD_DISC) {
 			r->next_free = c->free_reqs;
@@ -1542,16 +1703,19 @@ static void recv_loop(struct nbd_conn *c)
 			c->closing = true; /* finish what is in flight, then close */
 			break;
 		}
-		if (r->type == NBD_CMD_WRITE && r->len > MAX_PAYLOAD) {
+		if ((has_payload && r->len > MAX_PAYLOAD) || (r->type == NBD_CMD_WRITE && !has_payload)) {
 			/* We will not swallow an oversized payload: hang up (the spec allows it). */
-			vdd_log("nbd client %" PRIu64 ": %u-byte write exceeds the %u-byte maximum, hanging up", c->id,
-				r->len, MAX_PAYLOAD);
+			if (has_payload)
+				vdd_log("nbd client %" PRIu64 ": %" PRIu64 "-byte payload exceeds the %u-byte maximum, "
+					"hanging up", c->id, r->len, MAX_PAYLOAD);
+			else
+				vdd_log("nbd client %" PRIu64 ": write without NBD_CMD_FLAG_PAYLOAD_LEN, hanging up", c->id);
 			r->next_free = c->free_reqs;
 			c->free_reqs = r;
 			conn_break(c);
 			break;
 		}
-		payload = (r->type == NBD_CMD_WRITE || (r->type == NBD_CMD_READ && r->len <= MAX_PAYLOAD)) ? r->len : 0;
+		payload = (has_payload || (r->type == NBD_CMD_READ && r->len <= MAX_PAYLOAD)) ? (size_t)r->len : 0;
 		c->inflight++;
 		r->payload = payload;
 		/* Hold the request back while too many bytes are in flight (always admit one). */
@@ -1562,7 +1726,7 @@ static void recv_loop(struct nbd_conn *c)
 			r->buf = pool_get(&e->pool, payload);
 			r->buf_len = payload;
 			if (!r->buf) {
-				if (r->type == NBD_CMD_WRITE) {
+				if (has_payload) {
 					conn_break(c); /* cannot take the payload */
 					req_release(r);
 					break;
@@ -1570,7 +1734,7 @@ static void recv_loop(struct nbd_conn *c)
 				r->nomem = true; /* answered with ENOMEM */
 			}
 		}
-		if (r->type == NBD_CMD_WRITE && read_exact(c, r->buf, r->len) < 0) {
+		if (has_payload && read_exact(c, r->buf, r->len) < 0) {
 			req_release(r);
 			break;
 		}
@@ -1607,6 +1771,7 @@ static void transmission_co(void *opaque)
 	vd_co_mutex_init(&c->send_lock);
 	vd_co_queue_init(&c->slot_wait);
 	vd_co_queue_init(&c->drained);
+	c->out_tail = &c->out_head;
 	if (e->shutdown || vd_export_is_shutting_down(exp)) {
 		conn_free(c);
 		return;
@@ -1749,13 +1914,15 @@ static int nbd_create(struct vd_export *exp, json_t *opts, char **errp)
 	struct nbd_export *e = exp->opaque;
 	const char *name, *desc;
 	uint64_t max_inflight;
+	bool depth; /* qemu:allocation-depth is always offered; the option is only type-checked */
 	json_t *bitmaps = json_object_get(opts, "bitmaps");
 
 	if (!server.running)
 		return vdd_error(errp, "NBD server not running (start it with --nbd-server or nbd-server-start)");
 	if (vdd_arg_str(opts, "name", false, exp->node_name, &name, errp) < 0 ||
 	    vdd_arg_str(opts, "description", false, NULL, &desc, errp) < 0 ||
-	    vdd_arg_u64(opts, "max-inflight", DEFAULT_MAX_INFLIGHT, &max_inflight, errp) < 0)
+	    vdd_arg_u64(opts, "max-inflight", DEFAULT_MAX_INFLIGHT, &max_inflight, errp) < 0 ||
+	    vdd_arg_bool(opts, "allocation-depth", true, &depth, errp) < 0)
 		return -1;
 	if (bitmaps && !(json_is_array(bitmaps) && json_array_size(bitmaps) == 0))
 		return vdd_error(errp, "block-export-add: dirty bitmaps are not supported");
@@ -2010,13 +2177,21 @@ int vdd_nbd_server_start(json_t *opts, char **errp)
 			return vdd_error(errp, "nbd-server: TLS credentials '%s' are not for a server endpoint", tls);
 	}
 	if (!strcmp(type, "unix")) {
-		if (vdd_arg_str(data, "path", true, NULL, &path, errp) < 0)
+		static const char *const unix_keys[] = { "type", "path", "data", NULL }, *const unix_data[] = { "path", NULL };
+
+		if (vdd_args_check(addr, unix_keys, "addr", errp) < 0 ||
+		    (data != addr && vdd_args_check(data, unix_data, "addr.data", errp) < 0) ||
+		    vdd_arg_str(data, "path", true, NULL, &path, errp) < 0)
 			goto fail;
 		ret = listen_unix(path, errp);
 	} else if (!strcmp(type, "inet")) {
+		static const char *const inet_keys[] = { "type", "host", "port", "data", NULL },
+					 *const inet_data[] = { "host", "port", NULL };
 		json_t *pv = json_object_get(data, "port");
 
-		if (vdd_arg_str(data, "host", false, NULL, &host, errp) < 0)
+		if (vdd_args_check(addr, inet_keys, "addr", errp) < 0 ||
+		    (data != addr && vdd_args_check(data, inet_data, "addr.data", errp) < 0) ||
+		    vdd_arg_str(data, "host", false, NULL, &host, errp) < 0)
 			goto fail;
 		if (json_is_integer(pv)) {
 			if (vdd_arg_u64(data, "port", 10809, &port, errp) < 0)
