@@ -19,6 +19,10 @@
  * The copy runs in N coroutines (-m, default 8) on this thread's loop:
  * each takes the next chunk (under a coroutine mutex), reads it, and writes
  * it; writes are kept in order unless -W allows out-of-order writes.
+ * With -c the chunks are 2 MiB too (not one cluster, as in qemu-img): all-zero
+ * clusters are skipped, and qcow2 compresses the clusters of one write in
+ * parallel on worker threads before writing them in order, so in-order
+ * output is the same whatever -m is while compression uses every CPU.
  */
 #include <errno.h>
 #include <inttypes.h>
