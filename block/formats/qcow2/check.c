@@ -493,6 +493,7 @@ static int rebuild(struct qcow2_state *s, struct refs *t)
 	s->refcount_table = table;
 	table = NULL;
 	s->refcount_table_size = tclusters * per_tc;
+	qcow2_reftable_rescan(s);
 	s->refcount_table_offset = (P + nblocks) << s->cluster_bits;
 	s->refcount_table_clusters = (uint32_t)tclusters;
 	s->free_cluster_index = 0;

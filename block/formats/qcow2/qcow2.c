@@ -725,8 +725,9 @@ int qcow2_overlap_check(struct qcow2_state *s, int ignore, uint64_t off, uint64_
 	if (!what && !(ignore & QCOW2_OL_REFBLOCK)) {
 		if (qcow2_cache_contains(&s->rc_cache, off, len)) {
 			what = "a refcount block";
-		} else if (s->refcount_table_size <= OVERLAP_FULL_SCAN_LIMIT) {
-			for (uint64_t i = 0; i < s->refcount_table_size; i++) {
+		} else if (s->reftable_used <= OVERLAP_FULL_SCAN_LIMIT) {
+			/* Only up to the last refcount block (the table is mostly empty). */
+			for (uint64_t i = 0; i < s->reftable_used; i++) {
 				uint64_t rb = s->refcount_table[i] & REFT_OFFSET_MASK;
 				if (rb && ranges_overlap(off, len, rb, s->cluster_size)) {
 					what = "a refcount block";

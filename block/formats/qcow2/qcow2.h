@@ -300,6 +300,7 @@ struct qcow2_state {
 	uint32_t l1_alloc;
 	uint64_t *refcount_table;
 	uint64_t refcount_table_size; /* entries */
+	uint64_t reftable_used;       /* entries up to the last non-zero one (overlap checks scan only these) */
 
 	struct qcow2_snapshot *snapshots;
 
@@ -485,6 +486,7 @@ void qcow2_cache_drop_all(struct qcow2_cache *c); /* forget clean and dirty tabl
 /* ---- refcount.c --------------------------------------------------------------------------- */
 
 int qcow2_refcount_init(struct qcow2_state *s); /* load the refcount table */
+void qcow2_reftable_rescan(struct qcow2_state *s); /* recompute reftable_used after replacing the table */
 int qcow2_get_refcount(struct qcow2_state *s, uint64_t cluster, uint64_t *rc);
 /* Add (decrease=false) or subtract `addend` on every cluster touched by host [off, off+len). */
 int qcow2_update_refcount(struct qcow2_state *s, uint64_t off, uint64_t len, uint64_t addend, bool decrease);

@@ -83,7 +83,15 @@ int qcow2_refcount_init(struct qcow2_state *s)
 		return vd_error(-ret, "qcow2: could not read the refcount table");
 	for (uint64_t i = 0; i < s->refcount_table_size; i++)
 		s->refcount_table[i] = be64toh(s->refcount_table[i]);
+	qcow2_reftable_rescan(s);
 	return 0;
+}
+
+void qcow2_reftable_rescan(struct qcow2_state *s)
+{
+	s->reftable_used = s->refcount_table_size;
+	while (s->reftable_used && !(s->refcount_table[s->reftable_used - 1] & REFT_OFFSET_MASK))
+		s->reftable_used--;
 }
 
 static uint64_t file_end(struct qcow2_state *s)
@@ -233,6 +241,7 @@ static int grow_reftable(struct qcow2_state *s, uint64_t min_entries)
 		s->refcount_table = new_table;
 		new_table = NULL;
 		s->refcount_table_size = new_entries;
+		qcow2_reftable_rescan(s);
 		s->refcount_table_offset = toff;
 		s->refcount_table_clusters = (uint32_t)tclusters;
 	}
@@ -541,6 +550,8 @@ static int alloc_run(struct qcow2_state *s, uint64_t n, uint64_t extra_idx, uint
 			ret = qcow2_file_flush(s);
 		for (uint64_t j = 0; ret == 0 && j < m; j++) {
 			s->refcount_table[idx[j]] = (start + j) << s->cluster_bits;
+			if (idx[j] >= s->reftable_used)
+				s->reftable_used = idx[j] + 1;
 			ret = write_reftable_entry(s, idx[j]);
 		}
 		if (ret < 0) {
