@@ -125,6 +125,7 @@ make_bench_images() {
 		die "cannot write $FULL_RAW"
 	"$QEMU_IMG" convert -f raw -O qcow2 -o cluster_size=$CLUSTER "$FULL_RAW" "$FULL_QCOW2" ||
 		die "cannot convert $FULL_RAW to qcow2"
+	sync "$FULL_QCOW2"
 }
 
 # Half data: 1 MiB of random data, then a 1 MiB hole, to the end.
@@ -144,6 +145,8 @@ with open(path, "wb") as f:
     os.fsync(f.fileno())
 EOF
 	"$QEMU_IMG" convert -f raw -O qcow2 "$CONV_RAW" "$CONV_QCOW2" || die "cannot convert $CONV_RAW to qcow2"
+	# On disk before the first run: its writeback would otherwise slow whichever tool runs first.
+	sync "$CONV_QCOW2"
 }
 
 # The image a run works on: full ones are shared, empty ones are new each run.
