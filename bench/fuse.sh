@@ -18,6 +18,9 @@
 # Rounds: each round starts each daemon afresh and runs every case on it;
 # daemons alternate within a round so background load hits both alike.  Each
 # figure is the median over the rounds; the ratio is vdiskd / qemu-storage-daemon.
+# Also reported: the CPU time each daemon used per I/O (user + system, all
+# threads, from /proc/PID/stat), which a loaded machine disturbs less than
+# throughput; its ratio is qemu-storage-daemon / vdiskd (higher: we use less).
 #
 # Usage: bench/fuse.sh [-t SECONDS] [-s SIZE_MB] [-r RUNS] [-o RESULTS.md]
 #   VDISK_BUILD  build directory holding daemon/vdiskd (default <repo>/build)
@@ -48,7 +51,7 @@ while getopts "t:s:r:o:h" opt; do
 	s) SIZE_MB=$OPTARG ;;
 	r) RUNS=$OPTARG ;;
 	o) OUT=$OPTARG ;;
-	h) sed -n '3,30p' "$0"; exit 0 ;;
+	h) sed -n '3,33p' "$0"; exit 0 ;;
 	*) exit 2 ;;
 	esac
 done
@@ -125,6 +128,11 @@ start_server() { # server image fmt
 	exit 1
 }
 
+# CPU time (user + system, every thread) the daemon has used, in clock ticks.
+cpu_ticks() {
+	awk '{ print $14 + $15 }' "/proc/$1/stat"
+}
+
 results=$work/results.txt
 : >"$results"
 for round in $(seq "$RUNS"); do
@@ -144,15 +152,19 @@ for round in $(seq "$RUNS"); do
 				case $rw in
 				randread | randwrite) extra=(--randrepeat=0 --norandommap) ;;
 				esac
+				cpu0=$(cpu_ticks "$server_pid")
 				json=$(nice fio --name=b --filename="$mnt" --ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" \
 					--iodepth="$qd" --runtime="$RUNTIME" --time_based --output-format=json "${extra[@]}")
+				cpu1=$(cpu_ticks "$server_pid")
 				echo "$json" | python3 -c '
 import json, sys
 j = json.load(sys.stdin)["jobs"][0]
 iops = j["read"]["iops"] + j["write"]["iops"]
 mib = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 1048576
-print(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], "%.1f" % iops, "%.1f" % mib)
-' "$round" "$image" "$server" "$name" | tee -a "$results" >&2
+ios = j["read"]["total_ios"] + j["write"]["total_ios"]
+cpu_us = (int(sys.argv[6]) - int(sys.argv[5])) * 1e6 / int(sys.argv[7]) / max(ios, 1)
+print(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], "%.1f" % iops, "%.1f" % mib, "%.1f" % cpu_us)
+' "$round" "$image" "$server" "$name" "$cpu0" "$cpu1" "$(getconf CLK_TCK)" | tee -a "$results" >&2
 			done <<<"$CASES"
 			stop_server
 		done
@@ -167,15 +179,15 @@ path, runs, runtime, size, aio, vaio = sys.argv[1:]
 vals = defaultdict(list)
 order = []
 for line in open(path):
-    rnd, image, server, name, iops, mib = line.split()
+    rnd, image, server, name, iops, mib, cpu = line.split()
     if (image, name) not in order:
         order.append((image, name))
-    vals[(image, name, server)].append((float(iops), float(mib)))
+    vals[(image, name, server)].append((float(iops), float(mib), float(cpu)))
 print(f"fio io_uring direct=1 on the mountpoint, {runtime} s per case, {size} MiB images, "
       f"median of {runs} rounds; vdiskd aio={vaio}, qemu-storage-daemon aio={aio}")
 print()
-print("| image | case | vdiskd | qemu-storage-daemon | ratio |")
-print("|---|---|---|---|---|")
+print("| image | case | vdiskd | qemu-storage-daemon | ratio | daemon CPU us/IO: vdiskd | qsd | ratio |")
+print("|---|---|---|---|---|---|---|---|")
 worst = None
 for image, name in order:
     seq = "1m" in name
@@ -185,7 +197,11 @@ for image, name in order:
     peer = statistics.median(v[idx] for v in vals[(image, name, "qsd")])
     ratio = ours / peer if peer else float("inf")
     worst = ratio if worst is None else min(worst, ratio)
-    print(f"| {image} | {name} | {ours:.0f} {unit} | {peer:.0f} {unit} | {ratio:.2f}x |")
+    cpu_ours = statistics.median(v[2] for v in vals[(image, name, "vdiskd")])
+    cpu_peer = statistics.median(v[2] for v in vals[(image, name, "qsd")])
+    cpu_ratio = cpu_peer / cpu_ours if cpu_ours else float("inf")
+    print(f"| {image} | {name} | {ours:.0f} {unit} | {peer:.0f} {unit} | {ratio:.2f}x "
+          f"| {cpu_ours:.1f} | {cpu_peer:.1f} | {cpu_ratio:.2f}x |")
 print()
 print(f"lowest ratio: {worst:.2f}x")
 EOF
