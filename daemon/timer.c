@@ -75,30 +75,101 @@ void vdd_timer_free(struct vdd_timer *t)
 	free(t);
 }
 
+/*
+ * Coroutine sleeps share one timer per thread: sleepers wait in a list
+ * sorted by deadline and the thread's timer is armed for the earliest one.
+ * A request that sleeps (null-co's latency-ns, retry back-offs) then costs
+ * no syscall of its own, where a timerfd per sleep cost four (create, arm,
+ * read, close) plus a poll registration — what made a slow null node slow
+ * at high queue depths.
+ */
 struct sleeper {
 	struct vd_co *co;
+	uint64_t deadline;
 	bool done;
+	struct sleeper *next;
 };
 
-static void sleeper_wake(void *opaque)
-{
-	struct sleeper *s = opaque;
+struct sleep_queue {
+	struct sleeper *head, *tail;
+	struct vdd_timer *timer; /* freed whenever the queue empties, so no thread leaves one behind */
+};
 
-	s->done = true;
-	vd_co_enter(s->co);
+static _Thread_local struct sleep_queue sleepq;
+
+static void sleepq_fire(void *opaque);
+
+/* (Re)arm the thread's timer for the earliest sleeper; false if no timer could be made. */
+static bool sleepq_arm(struct sleep_queue *q)
+{
+	uint64_t now = vdd_now_ns();
+
+	if (!q->head) {
+		vdd_timer_free(q->timer);
+		q->timer = NULL;
+		return true;
+	}
+	if (!q->timer && !(q->timer = vdd_timer_new(sleepq_fire, q)))
+		return false;
+	vdd_timer_arm(q->timer, q->head->deadline > now ? q->head->deadline - now : 1);
+	return true;
+}
+
+static void sleepq_fire(void *opaque)
+{
+	struct sleep_queue *q = opaque;
+	uint64_t now = vdd_now_ns();
+	struct sleeper *due = NULL, **last = &due;
+
+	/* Take the due sleepers off first: the ones we resume may sleep again. */
+	while (q->head && q->head->deadline <= now) {
+		struct sleeper *s = q->head;
+
+		q->head = s->next;
+		s->next = NULL;
+		*last = s;
+		last = &s->next;
+	}
+	if (!q->head)
+		q->tail = NULL;
+	while (due) {
+		struct sleeper *s = due;
+
+		due = s->next;
+		s->done = true;
+		vd_co_enter(s->co);
+	}
+	if (!sleepq_arm(q))
+		fprintf(stderr, "vdiskd: cannot create a timer\n");
 }
 
 void vdd_co_sleep_ns(uint64_t ns)
 {
-	struct sleeper s = { .co = vd_co_self() };
-	struct vdd_timer *t = vdd_timer_new(sleeper_wake, &s);
+	struct sleep_queue *q = &sleepq;
+	struct sleeper s = { .co = vd_co_self(), .deadline = vdd_now_ns() + (ns ? ns : 1) };
+	struct sleeper **pp;
 
-	if (!t) {
+	/* Deadlines mostly grow: append at the tail, else insert in order. */
+	if (!q->tail || q->tail->deadline <= s.deadline) {
+		if (q->tail)
+			q->tail->next = &s;
+		else
+			q->head = &s;
+		q->tail = &s;
+	} else {
+		for (pp = &q->head; (*pp)->deadline <= s.deadline; pp = &(*pp)->next)
+			;
+		s.next = *pp;
+		*pp = &s;
+	}
+	if (q->head == &s && !sleepq_arm(q)) {
+		/* No timer: do not sleep at all rather than forever. */
+		q->head = s.next;
+		if (!q->head)
+			q->tail = NULL;
 		fprintf(stderr, "vdiskd: cannot create a timer\n");
 		return;
 	}
-	vdd_timer_arm(t, ns ? ns : 1);
 	while (!s.done)
 		vd_co_yield();
-	vdd_timer_free(t);
 }
