@@ -640,19 +640,29 @@ static void set_avail_event(struct vub_vq *vq)
 
 static void start_poller(struct vub_conn *c);
 
-static void process_vq(struct vub_vq *vq)
+/*
+ * Take what is on the ring and ask for a kick at the next request; look once
+ * more after asking (the front end may have added one just before).  With
+ * EVENT_IDX the kick comes only when the front end moves avail->idx past
+ * avail_event, so it must be exactly our last_avail once we stop looking.
+ * Returns false when the queue cannot go on (stopped, or out of request slots).
+ */
+static bool drain_and_rearm(struct vub_vq *vq)
 {
 	for (;;) {
 		take_requests(vq);
 		if (!vq_ready(vq) || vq->starved)
-			return;
-		/* Ask for a kick at the next request, then look once more (it may have raced with us). */
+			return false;
 		set_avail_event(vq);
 		__atomic_thread_fence(__ATOMIC_SEQ_CST);
 		if (__atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE) == vq->last_avail)
-			break;
+			return true;
 	}
-	if (vq->c->e->poll_us)
+}
+
+static void process_vq(struct vub_vq *vq)
+{
+	if (drain_and_rearm(vq) && vq->c->e->poll_us)
 		start_poller(vq->c);
 }
 
@@ -720,9 +730,8 @@ static void poller_co(void *opaque)
 	c->poller_running = false;
 	if (c->active && !c->closing) {
 		set_no_notify(c, false);
-		__atomic_thread_fence(__ATOMIC_SEQ_CST);
 		for (unsigned i = 0; i < c->e->num_queues; i++)
-			take_requests(&c->vqs[i]); /* what arrived while kicks were off (nothing when paused) */
+			drain_and_rearm(&c->vqs[i]); /* what arrived while kicks were off (nothing when paused) */
 	}
 	vd_co_queue_wake_all(&c->drained);
 }
