@@ -9,7 +9,7 @@ PYTEST_DIRS := $(wildcard tests/integration tests/nbd tests/vhost-user tests/ima
 PYTEST = /usr/bin/python3 -m pytest -q -p no:cacheprovider -n $(PYTEST_JOBS)
 PYTEST_JOBS ?= 3
 
-.PHONY: all deps demo check check-unit check-integration check-asan install clean bench
+.PHONY: all deps demo check style check-unit check-integration check-asan install clean bench
 
 all: $(BUILD)/build.ninja
 	ninja -C $(BUILD)
@@ -28,7 +28,11 @@ deps:
 demo: deps all
 	scripts/demo
 
-check: deps all check-unit check-integration check-asan
+check: deps style all check-unit check-integration check-asan
+
+# Banned libc calls, SPDX lines, whitespace (scripts/check-style).
+style:
+	scripts/check-style
 
 check-unit: all
 	meson test -C $(BUILD) --print-errorlogs

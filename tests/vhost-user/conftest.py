@@ -18,69 +18,22 @@ Every subprocess runs under a timeout, so a hang fails the test instead of
 blocking the run.
 """
 import os
-import re
 import shutil
 import signal
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-BUILD = Path(os.environ.get("VDISK_BUILD", REPO / "build")).resolve()
-TIMEOUT = 60
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vdtest import (BUILD, REPO, TIMEOUT, check_sanitizers, compile_client, find_built, kv_lines,  # noqa: E402,F401
+                    requires, run)
+
 DRIVER = "virtio-blk-vhost-user"
 MiB = 1 << 20
-
-
-def _find(name):
-    for cand in (BUILD / "tests" / "unit" / name, BUILD / "tests" / name, BUILD / "tools" / name, BUILD / name):
-        if cand.is_file() and os.access(cand, os.X_OK):
-            return cand
-    return None
-
-
-def _sanitize_flags():
-    ninja = BUILD / "build.ninja"
-    if not ninja.exists():
-        return []
-    text = ninja.read_text(errors="replace")
-    flags = []
-    if "-fsanitize=address" in text:
-        flags.append("address")
-    if "-fsanitize=undefined" in text or "address,undefined" in text:
-        flags.append("undefined")
-    return ["-fsanitize=" + ",".join(flags)] if flags else []
-
-
-def requires(*tools):
-    missing = [t for t in tools if shutil.which(t) is None]
-    return pytest.mark.skipif(bool(missing), reason="missing " + ", ".join(missing))
-
-
-def check_sanitizers(args, stderr):
-    """Fail on any ASan/UBSan/LSan report (sanitizer builds only print them)."""
-    if not stderr:
-        return
-    for marker in ("runtime error:", "ERROR: AddressSanitizer", "ERROR: LeakSanitizer"):
-        if marker in stderr:
-            raise AssertionError(f"sanitizer report from {args}:\n{stderr}")
-
-
-def run(args, timeout=TIMEOUT, check=None, **kw):
-    """Run a command; check=0/1/...: expected exit status.  Sanitizer reports fail."""
-    try:
-        p = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                           errors="replace", **kw)
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"HANG: {args} did not finish in {timeout} s\n{e.stdout}\n{e.stderr}")
-    check_sanitizers(args, p.stderr)
-    if check is not None:
-        assert p.returncode == check, f"{args}: exit {p.returncode}, expected {check}\n" \
-                                      f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}"
-    return p
 
 
 class Backend:
@@ -172,7 +125,7 @@ def image(tmp_path):
 
 @pytest.fixture(scope="session")
 def vdisk_io():
-    exe = _find("vdisk-io")
+    exe = find_built("vdisk-io")
     if exe is None:
         pytest.skip(f"vdisk-io not built in {BUILD} (set VDISK_BUILD)")
     return exe
@@ -188,15 +141,7 @@ def vdisk_tool():
 
 @pytest.fixture(scope="session")
 def vu_client(tmp_path_factory):
-    lib = BUILD / "libvdisk.so"
-    if not lib.exists():
-        pytest.skip(f"libvdisk.so not built in {BUILD} (set VDISK_BUILD)")
-    out = tmp_path_factory.mktemp("bin") / "vu-client"
-    cmd = ["cc", "-std=gnu11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", *_sanitize_flags(),
-           "-I", str(REPO / "include"), str(Path(__file__).with_name("vu-client.c")),
-           "-o", str(out), "-L", str(BUILD), "-lvdisk", f"-Wl,-rpath,{BUILD}", "-lpthread"]
-    subprocess.run(cmd, check=True, timeout=TIMEOUT)
-    return out
+    return compile_client(Path(__file__).with_name("vu-client.c"), tmp_path_factory.mktemp("bin") / "vu-client")
 
 
 @pytest.fixture
@@ -220,7 +165,7 @@ def client(vu_client):
 
 def info(p):
     """Parse vdisk-io 'info' output into a dict."""
-    return dict(l.split("=", 1) for l in p.stdout.splitlines() if "=" in l)
+    return kv_lines(p.stdout)
 
 
 def pattern(off, length, seed):

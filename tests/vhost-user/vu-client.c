@@ -40,6 +40,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -681,6 +682,19 @@ static void set_prop(const char *kv)
 		die(1, "set %s: %s", name, vdisk_get_error_msg());
 }
 
+/* A whole non-negative decimal or 0x number that fits an int, or exit 2. */
+static int arg_int(const char *s)
+{
+	char *end;
+	long n;
+
+	errno = 0;
+	n = strtol(s, &end, 0);
+	if (errno || end == s || *end || n < 0 || n > INT_MAX)
+		die(2, "not a valid number: %s", s);
+	return (int)n;
+}
+
 int main(int argc, char **argv)
 {
 	const char *sets[MAX_SETS];
@@ -694,11 +708,11 @@ int main(int argc, char **argv)
 		else if (!strcmp(argv[i], "--set") && i + 1 < argc && n_sets < MAX_SETS)
 			sets[n_sets++] = argv[++i];
 		else if (!strcmp(argv[i], "--queues") && i + 1 < argc)
-			n_queues = atoi(argv[++i]);
+			n_queues = arg_int(argv[++i]);
 		else if (!strcmp(argv[i], "--poll-queues") && i + 1 < argc)
-			n_poll = atoi(argv[++i]);
+			n_poll = arg_int(argv[++i]);
 		else if (!strcmp(argv[i], "--queue-size") && i + 1 < argc)
-			queue_size = atoi(argv[++i]);
+			queue_size = arg_int(argv[++i]);
 		else if (!strcmp(argv[i], "--read-only"))
 			read_only = true;
 		else if (!strcmp(argv[i], "--map-before-start"))
@@ -734,13 +748,13 @@ int main(int argc, char **argv)
 
 	if (!strcmp(mode, "pattern") && argc - i == 4)
 		ret = mode_pattern(strtoull(argv[i], NULL, 0), strtoull(argv[i + 1], NULL, 0),
-				   strtoull(argv[i + 2], NULL, 0), (unsigned)atoi(argv[i + 3]));
+				   strtoull(argv[i + 2], NULL, 0), (unsigned)arg_int(argv[i + 3]));
 	else if (!strcmp(mode, "check") && argc - i == 3)
 		ret = mode_check(strtoull(argv[i], NULL, 0), strtoull(argv[i + 1], NULL, 0), strtoull(argv[i + 2], NULL, 0));
 	else if (!strcmp(mode, "multiq") && argc - i == 1)
 		ret = mode_multiq(strtoull(argv[i], NULL, 0));
 	else if (!strcmp(mode, "evloop") && argc - i == 1)
-		ret = mode_evloop((unsigned)atoi(argv[i]));
+		ret = mode_evloop((unsigned)arg_int(argv[i]));
 	else if (!strcmp(mode, "timeout") && argc == i)
 		ret = mode_timeout();
 	else if (!strcmp(mode, "efault") && argc == i)
@@ -748,7 +762,7 @@ int main(int argc, char **argv)
 	else if (!strcmp(mode, "regions") && argc == i)
 		ret = mode_regions();
 	else if (!strcmp(mode, "hammer") && argc - i == 1)
-		ret = mode_hammer(atoi(argv[i]));
+		ret = mode_hammer(arg_int(argv[i]));
 	else if (!strcmp(mode, "idle") && argc == i)
 		ret = mode_idle();
 	else if (!strcmp(mode, "destroy-inflight") && argc == i)
