@@ -133,7 +133,7 @@ def test_fio_verify(fuse, raw, engine):
     depth = "1" if engine == "psync" else "16"
     p = run(["fio", "--name=v", f"--filename={mnt}", f"--ioengine={engine}", f"--iodepth={depth}",
              "--rw=randwrite", "--bsrange=4k-256k", "--size=16M", "--offset=8M", "--direct=1",
-             "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randrepeat=0", "--output-format=json"],
+             "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--randrepeat=0", "--output-format=json"],
             timeout=120)
     job = json.loads(p.stdout)["jobs"][0]
     assert job["error"] == 0 and job["write"]["io_bytes"] >= 16 * MiB
