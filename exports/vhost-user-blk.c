@@ -58,6 +58,7 @@
  * (LOG_ALL).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <stdio.h>
@@ -247,7 +248,9 @@ static bool vq_translate(struct vub_vq *vq)
 	vq->desc = uva_ptr(c, vq->desc_uva, 16ull * vq->num);
 	vq->avail = uva_ptr(c, vq->avail_uva, 6 + 2ull * vq->num);
 	vq->used = uva_ptr(c, vq->used_uva, 6 + 8ull * vq->num);
-	if (!vq->desc || !vq->avail || !vq->used) {
+	/* The front end's virtual addresses were checked for alignment, but mmap_offset may still misalign ours. */
+	if (!vq->desc || !vq->avail || !vq->used || (uintptr_t)vq->desc % 16 || (uintptr_t)vq->avail % 2 ||
+	    (uintptr_t)vq->used % 4) {
 		vq->desc = NULL;
 		vq->avail = NULL;
 		vq->used = NULL;
@@ -507,7 +510,7 @@ static uint8_t serve(struct vub_req *r, uint32_t type, uint64_t sector, uint32_t
 		if (!range_ok(e, sector, in_data))
 			return VIRTIO_BLK_S_IOERR;
 		ret = in_data ? vd_bnode_co_preadv(bs, sector * VIRTIO_BLK_SECTOR, in_data, &r->in, 0, 0) : 0;
-		*written = (uint32_t)(in_data + 1);
+		*written = in_data < UINT32_MAX ? (uint32_t)(in_data + 1) : UINT32_MAX;
 		return ret < 0 ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK;
 	case VIRTIO_BLK_T_OUT:
 		if (!e->exp->writable || !range_ok(e, sector, out_data))
@@ -666,14 +669,20 @@ static void process_vq(struct vub_vq *vq)
 		start_poller(vq->c);
 }
 
+static void vq_stop_kick(struct vub_vq *vq);
+
 static void kick_event(void *opaque, int fd, int revents)
 {
 	struct vub_vq *vq = opaque;
 	uint64_t n;
 	ssize_t r = read(fd, &n, sizeof(n));
 
-	(void)r;
-	(void)revents;
+	/* An eventfd never hangs up or reads EOF; anything else (a pipe whose writer left) would wake us forever. */
+	if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR) || (!(revents & POLLIN) && revents)) {
+		vq_stop_kick(vq);
+		vq_fail(vq, "the kick fd hung up or failed");
+		return;
+	}
 	vq->c->e->kicks++;
 	process_vq(vq);
 }
@@ -1042,6 +1051,7 @@ static int h_set_mem_table(struct vub_conn *c, struct vub_msg *m, const char **w
 	for (uint32_t i = 0; i < t->nregions; i++) {
 		struct vhu_mem_region *r = &t->regions[i];
 		uint64_t len = r->memory_size + r->mmap_offset;
+		struct stat st;
 		void *p;
 
 		if (!r->memory_size || len < r->memory_size || len > SIZE_MAX || r->guest_phys_addr + r->memory_size < r->guest_phys_addr ||
@@ -1050,6 +1060,13 @@ static int h_set_mem_table(struct vub_conn *c, struct vub_msg *m, const char **w
 			for (uint32_t j = 0; j < i; j++)
 				munmap(nr[j].map, nr[j].map_len);
 			return -EPROTO;
+		}
+		/* Touching a mapping beyond the end of a file is SIGBUS: the file must be as large as the region. */
+		if (fstat(m->fds[i], &st) < 0 || (S_ISREG(st.st_mode) && (uint64_t)st.st_size < len)) {
+			vdd_log("vhost-user-blk export '%s': memory region %u ends beyond its file", c->e->exp->id, i);
+			for (uint32_t j = 0; j < i; j++)
+				munmap(nr[j].map, nr[j].map_len);
+			return MSG_FAILED;
 		}
 		p = mmap(NULL, (size_t)len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, m->fds[i], 0);
 		if (p == MAP_FAILED) {
@@ -1180,6 +1197,16 @@ static int h_vring_fd(struct vub_conn *c, struct vub_msg *m, const char **why)
 		fd = m->fds[0];
 		m->fds[0] = -1;
 		m->nfds = 0;
+		/*
+		 * Never block on the front end's fds: a call eventfd whose counter it set near the maximum would make
+		 * our write sleep forever.  (This changes the front end's file description too; its own eventfds
+		 * are non-blocking already.)
+		 */
+		if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0) {
+			close(fd);
+			*why = "bad fd";
+			return -EPROTO;
+		}
 	}
 	switch (m->hdr.request) {
 	case VHU_SET_VRING_KICK:
@@ -1318,12 +1345,23 @@ static int handle(struct vub_conn *c, struct vub_msg *m, bool *replied, const ch
 	case VHU_SET_MEM_TABLE:
 		return h_set_mem_table(c, m, why);
 	case VHU_SET_VRING_NUM:
-		return h_vring_num(c, m, why);
 	case VHU_SET_VRING_ADDR:
-		return h_vring_addr(c, m, why);
 	case VHU_SET_VRING_BASE:
-		return h_vring_base(c, m, why);
-	case VHU_SET_VRING_KICK:
+	case VHU_SET_VRING_KICK: {
+		int ret;
+
+		/*
+		 * These may change the ring size, the ring pointers or the request slots (a new kick fd restarts
+		 * the ring) under requests in flight, which still complete into the used ring: let them finish.
+		 */
+		conn_pause(c);
+		ret = m->hdr.request == VHU_SET_VRING_NUM    ? h_vring_num(c, m, why)
+		      : m->hdr.request == VHU_SET_VRING_ADDR ? h_vring_addr(c, m, why)
+		      : m->hdr.request == VHU_SET_VRING_BASE ? h_vring_base(c, m, why)
+							     : h_vring_fd(c, m, why);
+		conn_resume(c);
+		return ret;
+	}
 	case VHU_SET_VRING_CALL:
 	case VHU_SET_VRING_ERR:
 		return h_vring_fd(c, m, why);

@@ -4,6 +4,7 @@ messages and descriptor chains.  The daemon must answer with IOERR/UNSUPP or res
 front end, and never crash (sanitizer builds: no report)."""
 import os
 import struct
+import time
 
 import pytest
 
@@ -289,3 +290,116 @@ def test_disconnect_with_requests_in_flight(vdiskd):
     assert f2.request(vhu.T_IN, 0, in_len=512, timeout=5)[0] == vhu.S_OK
     f2.close()
     f.close()
+
+
+# Regressions from the security review of the export.
+
+def test_region_beyond_its_file_refused(exp):
+    # A region larger than its memfd (or whose mmap_offset pushes it past the end) would map fine and then kill
+    # the daemon with SIGBUS on the first access beyond the file; it is refused instead.
+    f = vhu.Frontend(exp.sock)
+    f.negotiate()
+    assert f.mem_table([(0, 64 * MiB, vhu.UVA, 0)]) != 0
+    assert f.mem_table([(0, f.size, vhu.UVA, 4096)]) != 0
+    assert f.mem_table() == 0
+    f.close()
+    still_serves(exp)
+
+
+def test_misaligned_region_offset_refused(exp):
+    # The ring addresses are aligned in the front end's address space, but an odd mmap_offset misaligns them in
+    # ours (atomic loads of descriptors and indexes at odd addresses): the rings are refused.
+    f = vhu.Frontend(exp.sock)
+    f.negotiate()
+    assert f.mem_table([(0, f.size - 4096, vhu.UVA, 1)]) == 0
+    assert f.msg(vhu.SET_VRING_NUM, struct.pack("<II", 0, 16)) == 0
+    assert f.msg(vhu.SET_VRING_ADDR, struct.pack("<IIQQQQ", 0, 0, vhu.UVA, vhu.UVA + 16 * 4096, vhu.UVA + 256, 0)) != 0
+    f.close()
+    still_serves(exp)
+
+
+def _post_slow_reads(f, n):
+    q = f.queues[0]
+    for i in range(n):
+        hdr, buf, st = f.alloc(16), f.alloc(4096, 512), f.alloc(1, 1)
+        struct.pack_into("<IIQ", f.mem, hdr, vhu.T_IN, 0, i * 8)
+        f.mem[st] = 0xff
+        f.write_desc(q["desc"], 3 * i, hdr, 16, vhu.D_NEXT, 3 * i + 1)
+        f.write_desc(q["desc"], 3 * i + 1, buf, 4096, vhu.D_WRITE | vhu.D_NEXT, 3 * i + 2)
+        f.write_desc(q["desc"], 3 * i + 2, st, 1, vhu.D_WRITE)
+        f.post(3 * i)
+
+
+def rings_moved_away(f):
+    # New ring addresses outside shared memory while requests are in flight: their completions must not go to
+    # a ring that no longer translates (a NULL used ring).
+    assert f.msg(vhu.SET_VRING_ADDR, struct.pack("<IIQQQQ", 0, 0, 1 << 40, 1 << 40, 1 << 40, 0)) != 0
+
+
+def ring_regrown(f):
+    # Stop the kick, grow the ring, restart it: the request slots are reallocated, and must not be while
+    # requests in flight still use them.
+    q = f.queues[0]
+    assert f.msg(vhu.SET_VRING_KICK, struct.pack("<Q", 1 << 8)) != 0
+    assert f.msg(vhu.SET_VRING_NUM, struct.pack("<II", 0, 64)) == 0
+    assert f.msg(vhu.SET_VRING_ADDR, struct.pack("<IIQQQQ", 0, 0, vhu.UVA + q["desc"], vhu.UVA + q["used"],
+                                                 vhu.UVA + q["avail"], 0)) == 0
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    assert f.msg(vhu.SET_VRING_KICK, struct.pack("<Q", 0), [kick]) == 0
+    os.close(q["kick"])
+    q["kick"] = kick
+
+
+@pytest.mark.parametrize("change", [rings_moved_away, ring_regrown])
+def test_ring_changes_wait_for_requests_in_flight(vdiskd, change):
+    d = vdiskd(null=True, size=64 * MiB, blockdev_opts="latency-ns=200000000")
+    f = front(d, num=32)
+    _post_slow_reads(f, 8)
+    change(f)
+    # Every request finished (into the old ring) before the change took effect.
+    done = [f.used(timeout=0.5) for _ in range(8)]
+    assert None not in done and sorted(h for h, _ in done) == [3 * i for i in range(8)]
+    assert d.alive
+    f.close()
+    d.wait_log("front end 1 disconnected")
+    f2 = front(d)
+    assert f2.request(vhu.T_IN, 0, in_len=512, timeout=5)[0] == vhu.S_OK
+    f2.close()
+
+
+def _cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as st:
+        fields = st.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_kick_fd_that_hangs_up(exp):
+    # A pipe as the kick fd, its writer closed: poll reports POLLHUP for ever.  The daemon must stop the queue,
+    # not spin on it.
+    f = front(exp)
+    r, w = os.pipe()
+    assert f.msg(vhu.SET_VRING_KICK, struct.pack("<Q", 0), [r]) == 0
+    os.close(w)
+    os.close(r)
+    exp.wait_log("the kick fd hung up")
+    before = _cpu_seconds(exp.proc.pid)
+    assert f.get_u64(vhu.GET_QUEUE_NUM) == 1
+    time.sleep(0.5)
+    assert _cpu_seconds(exp.proc.pid) - before < 0.25, "the daemon spins on a hung-up kick fd"
+    f.close()
+    still_serves(exp)
+
+
+def test_saturated_call_eventfd_does_not_block(exp):
+    # A blocking call eventfd whose counter the front end set to its maximum: a blocking write(1) would sleep
+    # for ever in the export's thread.
+    f = front(exp)
+    call = os.eventfd(0, os.EFD_CLOEXEC)
+    assert f.msg(vhu.SET_VRING_CALL, struct.pack("<Q", 0), [call]) == 0
+    os.eventfd_write(call, 0xfffffffffffffffe)
+    assert f.request(vhu.T_IN, 0, in_len=512)[0] == vhu.S_OK
+    assert f.get_u64(vhu.GET_QUEUE_NUM) == 1  # the control channel still answers
+    assert f.request(vhu.T_IN, 8, in_len=512)[0] == vhu.S_OK
+    os.close(call)
+    f.close()
+    still_serves(exp)
