@@ -90,7 +90,7 @@ struct fuse_exp {
 	struct vd_export *exp;
 	struct fuse_exp *next; /* registry (main thread) */
 	char *mountpoint;      /* as given */
-	char *abs_path;        /* lexically absolute, for the duplicate check */
+	char *abs_path;        /* canonical, for the duplicate check */
 	bool growable;
 	enum allow_other allow_other;
 	struct stat orig; /* the mountpoint file before we mounted */
@@ -806,17 +806,71 @@ static void fd_readable(void *opaque, int fd, int revents)
 
 static const char *const fuse_options[] = { "mountpoint", "growable", "allow-other", NULL };
 
-/* path made absolute without touching the file system (stat() on our own live mount could deadlock). */
-static char *absolute(const char *path)
+/* A directory's canonical path, from the kernel (see canonical()); NULL if it is none. */
+static char *real_dir(const char *dir)
 {
-	char cwd[PATH_MAX], *out;
+	char proc[64], buf[PATH_MAX];
+	int fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	ssize_t n;
 
-	if (path[0] == '/')
-		return strdup(path);
-	if (!getcwd(cwd, sizeof(cwd)))
+	if (fd < 0)
 		return NULL;
-	if (asprintf(&out, "%s/%s", cwd, path) < 0)
+	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+	n = readlink(proc, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0 || buf[0] != '/')
 		return NULL;
+	buf[n] = 0;
+	return strdup(buf);
+}
+
+/*
+ * The mountpoint's canonical path, found without stat()ing the file itself:
+ * it may be one of our own live mounts named another way (./, //, a
+ * symlinked directory, a symlink), and a stat() there waits for a GETATTR
+ * that this very thread may have to answer.  The directory is resolved
+ * by opening it O_PATH|O_DIRECTORY and reading its /proc/self/fd link, the
+ * last component's symlinks with readlink(): the kernel answers these
+ * without asking a FUSE file system mounted on the way (one of ours there
+ * gives ENOTDIR or EINVAL).  NULL: out of memory.
+ */
+static char *canonical(const char *path)
+{
+	char *cur = strdup(path), *out = NULL;
+
+	for (int hops = 0; cur && !out; hops++) {
+		char *slash = strrchr(cur, '/'), *dir, *rdir, link[PATH_MAX], *next = NULL;
+		const char *base = slash ? slash + 1 : cur;
+		ssize_t n;
+
+		dir = slash ? strndup(cur, slash == cur ? 1 : (size_t)(slash - cur)) : strdup(".");
+		rdir = dir ? real_dir(dir) : NULL;
+		free(dir);
+		if (!rdir) {
+			/* No such directory (the stat() that follows says so) or no memory: keep the path as is. */
+			if (cur[0] == '/' || !getcwd(link, sizeof(link)))
+				out = strdup(cur);
+			else if (asprintf(&out, "%s/%s", link, cur) < 0)
+				out = NULL;
+			break;
+		}
+		n = hops < 40 ? readlink(cur, link, sizeof(link) - 1) : -1;
+		if (n < 0) {
+			if (asprintf(&out, "%s/%s", strcmp(rdir, "/") ? rdir : "", base) < 0)
+				out = NULL;
+			free(rdir);
+			break;
+		}
+		link[n] = 0;
+		if (link[0] == '/')
+			next = strdup(link);
+		else if (asprintf(&next, "%s/%s", rdir, link) < 0)
+			next = NULL;
+		free(rdir);
+		free(cur);
+		cur = next;
+	}
+	free(cur);
 	return out;
 }
 
@@ -867,7 +921,7 @@ static int fuse_create(struct vd_export *exp, json_t *opts, char **errp)
 		return vdd_error(errp, "block-export-add: growable=on needs writable=on");
 	fe->exp = exp;
 	fe->fd = -1;
-	if (!(fe->mountpoint = strdup(mp)) || !(fe->abs_path = absolute(mp))) {
+	if (!(fe->mountpoint = strdup(mp)) || !(fe->abs_path = canonical(mp))) {
 		free(fe->mountpoint);
 		return vdd_error(errp, "out of memory");
 	}
