@@ -328,6 +328,11 @@ def _post_slow_reads(f, n):
         f.write_desc(q["desc"], 3 * i + 1, buf, 4096, vhu.D_WRITE | vhu.D_NEXT, 3 * i + 2)
         f.write_desc(q["desc"], 3 * i + 2, st, 1, vhu.D_WRITE)
         f.post(3 * i)
+    # With EVENT_IDX the daemon publishes how far it has taken requests (avail_event, after the used ring).
+    end = time.monotonic() + 10
+    while struct.unpack_from("<H", f.mem, q["used"] + 4 + 8 * q["num"])[0] != n:
+        assert time.monotonic() < end, "the daemon never took the requests"
+        time.sleep(0.001)
 
 
 def rings_moved_away(f):
@@ -353,7 +358,7 @@ def ring_regrown(f):
 @pytest.mark.parametrize("change", [rings_moved_away, ring_regrown])
 def test_ring_changes_wait_for_requests_in_flight(vdiskd, change):
     d = vdiskd(null=True, size=64 * MiB, blockdev_opts="latency-ns=200000000")
-    f = front(d, num=32)
+    f = front(d, num=32, features=(1 << vhu.F_VERSION_1) | (1 << vhu.F_PROTOCOL) | (1 << vhu.F_EVENT_IDX))
     _post_slow_reads(f, 8)
     change(f)
     # Every request finished (into the old ring) before the change took effect.
@@ -403,3 +408,41 @@ def test_saturated_call_eventfd_does_not_block(exp):
     os.close(call)
     f.close()
     still_serves(exp)
+
+
+def _daemon_fds(d):
+    return len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+
+
+def _daemon_maps(d):
+    with open(f"/proc/{d.proc.pid}/maps") as m:
+        return sum(1 for line in m if "vhu-test" in line)
+
+
+def test_no_fd_or_mapping_leaks(exp):
+    # Fds on messages that take none, too many fds, replaced call/kick fds, replaced memory tables, refused
+    # tables: once the front end is gone the daemon holds exactly what it held before.
+    base = _daemon_fds(exp)
+    f = front(exp)
+    extra = [os.eventfd(0) for _ in range(3)]
+    f.send(vhu.GET_FEATURES, fds=extra)
+    f.recv(vhu.GET_FEATURES)
+    assert f.msg(99, b"", extra) != 0
+    assert f.msg(vhu.SET_PROTOCOL_FEATURES, struct.pack("<Q", 1 << vhu.PF_REPLY_ACK), extra) == 0
+    for _ in range(3):
+        assert f.msg(vhu.SET_VRING_CALL, struct.pack("<Q", 0), extra[:1]) == 0
+        assert f.msg(vhu.SET_VRING_ERR, struct.pack("<Q", 0), extra[:1]) == 0
+        assert f.mem_table() == 0
+        assert f.mem_table([(0, 64 * MiB, vhu.UVA, 0)]) != 0
+    assert f.request(vhu.T_IN, 0, in_len=512)[0] == vhu.S_OK
+    assert _daemon_maps(exp) == 1
+    f.send(vhu.SET_VRING_CALL, struct.pack("<Q", 0), fds=extra)  # more than one fd: hang up
+    assert f.hung_up()
+    f.close()
+    exp.wait_log("front end 1 disconnected")
+    assert _daemon_fds(exp) == base and _daemon_maps(exp) == 0
+    for fd in extra:
+        os.close(fd)
+    still_serves(exp)
+    exp.wait_log("front end 2 disconnected")
+    assert _daemon_fds(exp) == base
