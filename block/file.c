@@ -17,6 +17,7 @@
  */
 #include <fcntl.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -60,9 +61,24 @@ static int aio_to_driver(struct vd_bnode *bs, const char *aio, const char **driv
 	return 0;
 }
 
-static int configure(struct vd_bnode *bs, struct vdisk *v)
+/*
+ * The path the libvdisk instance opens.  Restarts (after a resize) reopen
+ * the inode through the node's own descriptor, not by name: the name may
+ * since have been covered by a mount -- a FUSE export of this very node
+ * mounted over its image file, whose open() would wait on the export's own
+ * thread, which is the one opening.
+ */
+static const char *instance_path(struct vd_bnode *bs, struct file_state *st, char *buf, size_t size)
 {
-	int ret = vdisk_set_str(v, "path", bs->filename);
+	if (st->fd >= 0 && snprintf(buf, size, "/proc/self/fd/%d", st->fd) < (int)size && access(buf, F_OK) == 0)
+		return buf;
+	return bs->filename;
+}
+
+static int configure(struct vd_bnode *bs, struct file_state *st, struct vdisk *v)
+{
+	char proc_path[64];
+	int ret = vdisk_set_str(v, "path", instance_path(bs, st, proc_path, sizeof(proc_path)));
 
 	if (ret == 0)
 		ret = vdisk_set_bool(v, "read-only", bs->read_only);
@@ -100,7 +116,7 @@ static int start_instance(struct vd_bnode *bs, struct file_state *st)
 	int ret = vdisk_create(st->driver, &st->v);
 
 	if (ret == 0)
-		ret = configure(bs, st->v);
+		ret = configure(bs, st, st->v);
 	if (ret == 0)
 		ret = vdisk_connect(st->v); /* its message names the file */
 	if (ret == 0)

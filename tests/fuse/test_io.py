@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import MiB, VDISK, have, make_qcow2, make_raw, requires, run, wait_for
+from conftest import MiB, VDISK, have, is_mounted, make_qcow2, make_raw, requires, run, wait_for
 
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -239,6 +239,35 @@ def test_growable_grows_and_truncates(fuse, tmp_path):
     fallocate(mnt, 0, 3 * MiB, MiB)  # allocating past the end grows it
     assert os.stat(mnt).st_size == 4 * MiB
     assert same_content(mnt, image)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_mounted_over_its_own_image_file(fuse, tmp_path, fmt):
+    """QEMU's usual set-up: the mountpoint is the image file itself.  Growing it
+    (a raw write past the end; qcow2 allocating clusters) must not reopen the
+    file by its name, which now leads into our own mount."""
+    if fmt == "raw":
+        image = make_raw(tmp_path / "disk.img", size=4 * MiB)
+        export = "writable=on,growable=on"
+    else:
+        image = tmp_path / "disk.img"
+        run(["qemu-img", "create", "-f", "qcow2", image, str(8 * MiB)])
+        export = "writable=on"
+    d, mnt = fuse.start(image, fmt=fmt, export=export, name="disk.img")
+    assert mnt == image
+    data = os.urandom(3 * MiB + 5)
+    pwrite(mnt, 5 * MiB if fmt == "raw" else MiB, data)
+    assert pread(mnt, 5 * MiB if fmt == "raw" else MiB, len(data)) == data
+    d.stop()
+    assert not is_mounted(image)
+    if fmt == "raw":
+        assert os.path.getsize(image) == 8 * MiB + 5
+        assert pread(image, 5 * MiB, len(data)) == data
+    else:
+        run(["qemu-img", "check", image])
+        out = tmp_path / "out.raw"
+        run(["qemu-img", "convert", "-O", "raw", image, out])
+        assert pread(out, MiB, len(data)) == data
 
 
 def test_fixed_size_refuses_resize(fuse, raw):
