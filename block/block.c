@@ -372,6 +372,37 @@ static int open_probed(json_t *opts, const struct vd_cache_mode *mode, int flags
 	return open_node(fmt, opts, mode, flags, file, out);
 }
 
+/* Keys any node takes (QEMU's generic blockdev options; some are accepted and have no effect here). */
+static const char *const generic_options[] = {
+	"driver", "node-name", "read-only", "auto-read-only", "force-share", "cache", "discard", "detect-zeroes",
+	"file", "backing", "filename", "aio", "locking", NULL,
+};
+
+static bool option_listed(const char *const *list, const char *key, size_t len)
+{
+	for (; *list; list++)
+		if (strlen(*list) == len && !strncmp(*list, key, len))
+			return true;
+	return false;
+}
+
+/* An unknown key is a mistake the user wants to hear about, not a silent no-op. */
+static int check_options(const struct vd_format *fmt, json_t *opts)
+{
+	const char *key;
+	json_t *val;
+
+	if (!fmt->options)
+		return 0;
+	json_object_foreach(opts, key, val) {
+		size_t len = strcspn(key, "."); /* "cache.direct" given flat */
+
+		if (!option_listed(generic_options, key, len) && !option_listed(fmt->options, key, len))
+			return vd_error(EINVAL, "driver '%s' does not take an option '%s'", fmt->name, key);
+	}
+	return 0;
+}
+
 static int open_opts(json_t *opts, const struct vd_cache_mode *cache, int flags, struct vd_bnode **out)
 {
 	struct vd_cache_mode mode = { .writeback = true };
@@ -398,6 +429,9 @@ static int open_opts(json_t *opts, const struct vd_cache_mode *cache, int flags,
 	if (!fmt)
 		return vd_error(EINVAL, "unknown block driver '%s'",
 				json_is_string(driver) ? json_string_value(driver) : "(not a string)");
+	ret = check_options(fmt, opts);
+	if (ret < 0)
+		return ret;
 	return open_node(fmt, opts, &mode, flags, NULL, out);
 }
 

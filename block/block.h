@@ -128,6 +128,13 @@ struct vd_create_opts {
 struct vd_format {
 	const char *name;
 	size_t state_size;  /* bs->opaque */
+	/*
+	 * The option keys this format reads besides the generic ones every node
+	 * takes (driver, node-name, read-only, cache, file, backing, ...);
+	 * NULL-terminated.  Opening with any other key is an error.  NULL: not
+	 * checked.
+	 */
+	const char *const *options;
 	bool is_protocol;   /* a leaf: opened on a filename, no file child */
 	bool supports_backing;
 	/* co_pwritev honours VD_BREQ_FUA; otherwise the framework flushes the node after FUA writes. */

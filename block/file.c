@@ -485,9 +485,12 @@ static int file_create(const struct vd_create_opts *o)
 	return vd_create_file(o->filename, o->size, vd_opt_str(o->opts, "preallocation", NULL));
 }
 
+static const char *const file_options[] = { NULL }; /* filename, aio: generic */
+
 const struct vd_format vd_format_file = {
 	.name = "file",
 	.state_size = sizeof(struct file_state),
+	.options = file_options,
 	.is_protocol = true,
 	.supports_fua = true,
 	.open = file_open,

@@ -100,9 +100,12 @@ static int null_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const c
 	return 0;
 }
 
+static const char *const null_options[] = { "size", "read-zeroes", "latency-ns", NULL };
+
 const struct vd_format vdd_format_null = {
 	.name = "null-co",
 	.state_size = sizeof(struct null_state),
+	.options = null_options,
 	.is_protocol = true,
 	.supports_fua = true,
 	.open = null_open,

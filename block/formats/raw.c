@@ -107,9 +107,12 @@ static int raw_create(const struct vd_create_opts *o)
 	return vd_create_file(o->filename, o->size, vd_opt_str(o->opts, "preallocation", NULL));
 }
 
+static const char *const raw_options[] = { "offset", "size", NULL };
+
 const struct vd_format vd_format_raw = {
 	.name = "raw",
 	.state_size = sizeof(struct raw_state),
+	.options = raw_options,
 	.supports_fua = true, /* FUA passes through to the file */
 	.probe = raw_probe,
 	.open = raw_open,

@@ -70,3 +70,32 @@ def test_control_unknown_keys(daemon_factory, tmp_path):
     # Nothing was half-created: the same id works once spelled right.
     c.cmd("block-export-add", type="nbd", id="e0", node_name="n0", name="x")
     assert [e["id"] for e in c.cmd("query-block-exports")] == ["e0"]
+
+
+@pytest.mark.parametrize("blockdev, key", [
+    ("driver=null-co,node-name=n0,size=1M,read-zeros=on", "read-zeros"),
+    ("driver=file,node-name=f0,filename=IMG,bogus=1", "bogus"),
+    ("driver=raw,node-name=r0,file.driver=file,file.filename=IMG,ofset=512", "ofset"),
+    ("driver=raw,node-name=r0,file.driver=file,file.filename=IMG,file.aoi=threads", "aoi"),
+    ("driver=qcow2,node-name=q0,file.driver=file,file.filename=QCOW2,l2-cache=1M", "l2-cache"),
+], ids=["null-co", "file", "raw", "file-child", "qcow2"])
+def test_blockdev_unknown_key(tmp_path, blockdev, key):
+    img = tmp_path / "a.raw"
+    img.write_bytes(bytes(1 << 20))
+    qcow2 = tmp_path / "a.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", qcow2, "1M"])
+    spec = blockdev.replace("QCOW2", str(qcow2)).replace("IMG", str(img))
+    err = cli_fails(tmp_path, "--blockdev", spec)
+    assert key in err
+
+
+def test_blockdev_known_generic_keys_accepted(daemon_factory, tmp_path):
+    """QEMU's generic node options (some without effect here) still open."""
+    img = tmp_path / "a.raw"
+    img.write_bytes(bytes(1 << 20))
+    d = daemon_factory(["--blockdev", f"driver=file,node-name=f0,filename={img},cache.direct=off,locking=off,"
+                        "discard=unmap,detect-zeroes=off,auto-read-only=off,aio=threads",
+                        "--blockdev", "driver=raw,node-name=r0,file=f0,offset=512,size=4096,read-only=on",
+                        "--blockdev", "driver=null-co,node-name=n0,size=1M,read-zeroes=on,latency-ns=0"], nbd=False)
+    names = {n["node-name"] for n in d.ctl.cmd("query-named-block-nodes")}
+    assert {"f0", "r0", "n0"} <= names

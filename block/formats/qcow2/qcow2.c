@@ -1513,9 +1513,15 @@ static int snap_delete(struct vd_bnode *bs, const char *name)
 	return qcow2_run_co(snap_entry, &a);
 }
 
+static const char *const qcow2_options[] = {
+	"cache-size", "l2-cache-size", "refcount-cache-size", "pass-discard-request", "compress-writes",
+	"lazy-refcounts", NULL,
+};
+
 const struct vd_format vd_format_qcow2 = {
 	.name = "qcow2",
 	.state_size = sizeof(struct qcow2_state),
+	.options = qcow2_options,
 	.supports_backing = true,
 	.supports_fua = true,
 	.probe = qcow2_probe,
