@@ -189,7 +189,7 @@ static int cmd_write(int argc, char **argv)
 		if (!strcmp(argv[i], "-P") && i + 1 < argc)
 			pat = (int)strtol(argv[++i], NULL, 0);
 		else if (!strcmp(argv[i], "-c"))
-			flags |= 1 << 4; /* VD_BREQ_COMPRESSED */
+			flags |= VD_BREQ_COMPRESSED;
 		else if (!strcmp(argv[i], "-F"))
 			flags |= VD_BREQ_FUA;
 		else
