@@ -269,6 +269,12 @@ static int enqueue(struct vdiskq *q, enum vd_op op, uint64_t offset, uint64_t le
 	}
 	if (validate(q, r) < 0)
 		return 0; /* completes with the error */
+	if (op != VD_OP_FLUSH && r->len == 0) {
+		/* Nothing to transfer: every driver would complete it at once, so the core does. */
+		q->n_inflight++; /* vd_req_complete() accounts it as leaving flight */
+		vd_req_complete(q, r, 0);
+		return 0;
+	}
 	r->next = NULL;
 	*q->pending_tail = r;
 	q->pending_tail = &r->next;

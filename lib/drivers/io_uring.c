@@ -610,8 +610,6 @@ static int ur_submit(struct vdiskq *q, struct vd_request *r)
 	switch (r->op) {
 	case VD_OP_READ:
 	case VD_OP_WRITE:
-		if (r->len == 0)
-			break;
 		sqe = get_sqe(uq);
 		if (!sqe)
 			return -EAGAIN;
@@ -632,7 +630,7 @@ static int ur_submit(struct vdiskq *q, struct vd_request *r)
 		return 0;
 
 	case VD_OP_DISCARD:
-		if (r->len == 0 || uq->iopoll || v->is_blockdev) /* BLKDISCARD has no io_uring opcode here */
+		if (uq->iopoll || v->is_blockdev) /* BLKDISCARD has no io_uring opcode here */
 			break;
 		sqe = get_sqe(uq);
 		if (!sqe)
@@ -644,7 +642,7 @@ static int ur_submit(struct vdiskq *q, struct vd_request *r)
 		return 0;
 
 	case VD_OP_WRITE_ZEROES:
-		if (r->len == 0 || uq->iopoll)
+		if (uq->iopoll)
 			break;
 		mode = zeroes_mode(v, r->flags);
 		if (mode < 0) {

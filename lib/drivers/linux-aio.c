@@ -162,10 +162,6 @@ static int la_submit(struct vdiskq *q, struct vd_request *r)
 	switch (r->op) {
 	case VD_OP_READ:
 	case VD_OP_WRITE:
-		if (r->len == 0) {
-			vd_req_complete(q, r, 0);
-			return 0;
-		}
 		if (r->op == VD_OP_READ) {
 			io_prep_preadv(io, fd, r->iov, r->iovcnt, (long long)r->offset);
 		} else {

@@ -948,8 +948,6 @@ static int nbd_submit(struct vdiskq *q, struct vd_request *r)
 	switch (r->op) {
 	case VD_OP_READ:
 	case VD_OP_WRITE:
-		if (r->len == 0)
-			break;
 		if (r->op == VD_OP_WRITE && (r->flags & VDISK_REQ_FUA)) {
 			if (s->can_fua)
 				p->nbd_flags |= LIBNBD_CMD_FLAG_FUA;

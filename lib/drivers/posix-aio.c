@@ -302,10 +302,6 @@ static int pa_submit(struct vdiskq *q, struct vd_request *r)
 		return 0;
 	case VD_OP_READ:
 	case VD_OP_WRITE:
-		if (r->len == 0) {
-			vd_req_complete(q, r, 0);
-			return 0;
-		}
 		break;
 	case VD_OP_FLUSH:
 		break;

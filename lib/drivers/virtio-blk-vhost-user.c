@@ -1950,10 +1950,6 @@ static int vu_submit(struct vdiskq *q, struct vd_request *r)
 	switch (r->op) {
 	case VD_OP_READ:
 	case VD_OP_WRITE:
-		if (r->len == 0) {
-			vd_req_complete(q, r, 0);
-			return 0;
-		}
 		ret = check_buffers(s, vq, r);
 		if (ret < 0) {
 			vd_req_complete(q, r, ret);
@@ -2005,10 +2001,6 @@ static int vu_submit(struct vdiskq *q, struct vd_request *r)
 			vd_req_fail(q, r, -EINVAL, "vhost-user: write-zeroes: offset %" PRIu64 " / length %"
 				    PRIu64 " not a multiple of request-alignment %d", r->offset, r->len,
 				    v->request_alignment);
-			return 0;
-		}
-		if (r->len == 0) {
-			vd_req_complete(q, r, 0);
 			return 0;
 		}
 		p->cursor = r->offset;

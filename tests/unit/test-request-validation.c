@@ -5,6 +5,8 @@
  * -EINVAL, too many segments -EINVAL; each completes (through do_io, with its
  * user_data) with an error message, and the queue keeps working afterwards.
  * Enqueueing an invalid request still returns 0: its error comes as its completion.
+ * Zero-length requests complete with 0 from the core without reaching the driver
+ * (after validation, so a zero-length write on a read-only instance is still -EBADF).
  */
 #include "test-util.h"
 
@@ -246,6 +248,38 @@ static void rejected_and_valid_requests_mixed_in_one_batch(void **state)
 }
 
 /* Only a NULL queue is refused at enqueue time (no completion follows). */
+static void zero_length_requests_complete_at_once(void **state)
+{
+	struct fx *f = *state;
+	unsigned char *buf = fx_buf(f, BLK);
+	struct iovec iov = { buf, 0 };
+
+	fx_open(f, 0);
+	memset(buf, 0x5a, BLK);
+	assert_int_equal(vdiskq_read(f->q, 0, buf, 0, (void *)1, 0), 0);
+	assert_int_equal(wait_one(f->q, (void *)1, NULL), 0);
+	assert_int_equal(vdiskq_write(f->q, BLK, buf, 0, (void *)2, VDISK_REQ_FUA), 0);
+	assert_int_equal(wait_one(f->q, (void *)2, NULL), 0);
+	assert_int_equal(vdiskq_writev(f->q, f->capacity, &iov, 1, (void *)3, 0), 0);
+	assert_int_equal(wait_one(f->q, (void *)3, NULL), 0);
+	assert_int_equal(vdiskq_discard(f->q, f->capacity, 0, (void *)4, 0), 0);
+	assert_int_equal(wait_one(f->q, (void *)4, NULL), 0);
+	assert_int_equal(vdiskq_write_zeroes(f->q, 0, 0, (void *)5, VDISK_REQ_NO_FALLBACK), 0);
+	assert_int_equal(wait_one(f->q, (void *)5, NULL), 0);
+	/* Still validated: past capacity and bad flags fail even with nothing to transfer. */
+	assert_int_equal(vdiskq_read(f->q, f->capacity + 1, buf, 0, (void *)6, 0), 0);
+	expect_fail(f, (void *)6, -EINVAL, "capacity");
+	assert_int_equal(vdiskq_discard(f->q, 0, 0, (void *)7, VDISK_REQ_FUA), 0);
+	expect_fail(f, (void *)7, -EINVAL, "flags");
+	assert_true(all_bytes(buf, BLK, 0x5a));
+	if (f->cfg->file) {
+		assert_int_equal(file_size(f->path), FX_FILE_SIZE);
+		pread_file(f->path, buf, BLK, 0);
+		assert_true(all_bytes(buf, BLK, 0));
+	}
+	queue_still_works(f);
+}
+
 static void null_queue_is_einval_at_enqueue(void **state)
 {
 	char buf[512];
@@ -273,6 +307,7 @@ int main(void)
 	ADD_CFG_TESTS(tests, n, unsupported_flags_are_einval, true);
 	ADD_CFG_TESTS(tests, n, too_many_segments_is_einval, true);
 	ADD_CFG_TESTS(tests, n, rejected_and_valid_requests_mixed_in_one_batch, true);
+	ADD_CFG_TESTS(tests, n, zero_length_requests_complete_at_once, true);
 	for (size_t i = 0; i < N_TEST_CFGS; i++) {
 		const char *const names[] = { "misaligned_direct_io_is_einval", "direct_io_at_the_reported_alignment_works" };
 		CMUnitTestFunction fns[] = { misaligned_direct_io_is_einval, direct_io_at_the_reported_alignment_works };
