@@ -183,6 +183,8 @@ static struct vd_bnode *bnode_new(const struct vd_format *fmt, json_t *opts, con
 	bs->read_only = !(flags & VD_BO_RDWR);
 	bs->cache = *mode;
 	bs->request_alignment = 1;
+	bs->home = vd_loop_get();
+	pthread_mutex_init(&bs->track_lock, NULL);
 	if (node_name && !(bs->node_name = strdup(node_name)))
 		goto oom;
 	if (fmt->state_size && !(bs->opaque = calloc(1, fmt->state_size)))
@@ -190,6 +192,7 @@ static struct vd_bnode *bnode_new(const struct vd_format *fmt, json_t *opts, con
 	return bs;
 oom:
 	if (bs) {
+		pthread_mutex_destroy(&bs->track_lock);
 		free(bs->node_name);
 		free(bs);
 	}
@@ -205,6 +208,7 @@ static void bnode_free(struct vd_bnode *bs)
 	free(bs->opaque);
 	free(bs->node_name);
 	free(bs->filename);
+	pthread_mutex_destroy(&bs->track_lock);
 	free(bs);
 }
 

@@ -14,11 +14,30 @@
  *
  * Errors: negative errno, with a message left by vd_error() (read with
  * vdisk_get_error_msg()).
+ *
+ * Threads (multiqueue through the graph).  A node has a home: the loop of
+ * the thread that opened it (bs->home).  Opening, closing, reopening and
+ * every control operation happen there.  Requests (the vd_bnode_co_*()
+ * entry points) may come from any thread whose loop accepts cross-thread
+ * calls (vd_loop_enable_remote):
+ *   - on a node whose format sets `multiqueue` (file, raw, null-co, the
+ *     daemon's node references) the request runs in the calling thread,
+ *     concurrently with requests from other threads: the file protocol
+ *     gives every thread its own libvdisk instance and queue, served by that
+ *     thread's loop, so the fast path takes no lock;
+ *   - on any other node (qcow2) the entry point forwards the request to the
+ *     home thread (vd_loop_co_call) and waits; the format and its metadata
+ *     only ever run at home.  Correct, not faster.
+ * What the framework shares between threads on a multiqueue node is safe:
+ * statistics are atomic counters, tracked requests (track.c) are under
+ * bs->track_lock with cross-thread wake-ups.  Truncate always runs at home;
+ * the file protocol drains every thread's requests around it.
  */
 #ifndef VD_BLOCK_H
 #define VD_BLOCK_H
 
 #include <jansson.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -136,6 +155,12 @@ struct vd_format {
 	 */
 	const char *const *options;
 	bool is_protocol;   /* a leaf: opened on a filename, no file child */
+	/*
+	 * The co_ ops (except co_truncate, always called at home) may run in
+	 * any thread, concurrently; otherwise the framework forwards requests
+	 * from other threads to the node's home thread.
+	 */
+	bool multiqueue;
 	bool supports_backing;
 	/* co_pwritev honours VD_BREQ_FUA; otherwise the framework flushes the node after FUA writes. */
 	bool supports_fua;
@@ -218,10 +243,12 @@ struct vd_bnode {
 	uint32_t max_transfer;      /* 0 = unlimited */
 	int refcnt;
 	int open_flags;
-	/* Overlapping-request serialisation (RMW and formats that ask for it). */
+	struct vd_loop *home; /* the opening thread's loop: control operations, non-multiqueue requests */
+	/* Overlapping-request serialisation (RMW and formats that ask for it), under track_lock. */
+	pthread_mutex_t track_lock;
 	struct vd_tracked *tracked;
 	unsigned serialising_reqs; /* tracked requests with serialising set */
-	/* Statistics (write-zeroes count as writes). */
+	/* Statistics (write-zeroes count as writes); atomic (requests come from several threads). */
 	uint64_t rd_ops, wr_ops, rd_bytes, wr_bytes, flush_ops;
 	uint64_t discard_ops, discard_bytes;
 };
@@ -244,6 +271,8 @@ struct vd_tracked {
 /* Track [off, off+len) and wait for the older overlapping requests it conflicts with. */
 void vd_bnode_track_begin(struct vd_bnode *bs, struct vd_tracked *t, uint64_t off, uint64_t len, bool serialising);
 void vd_bnode_track_end(struct vd_bnode *bs, struct vd_tracked *t);
+/* Is the calling thread bs's home (or may bs's requests run in any thread)? */
+bool vd_bnode_runs_here(const struct vd_bnode *bs);
 /* For messages: the node-name, else the filename, else the format name. */
 const char *vd_bnode_name(const struct vd_bnode *bs);
 

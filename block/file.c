@@ -1,8 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * The "file" protocol: a leaf node over a regular file or block device,
- * doing its I/O through a libvdisk instance (one queue per node for now,
- * served by the opening thread's loop).
+ * doing its I/O through libvdisk.
  *
  * Options: filename (required); aio = io_uring (default) | native
  * (linux-aio, needs cache.direct as in QEMU) | threads | sync.  cache.direct
@@ -10,9 +9,28 @@
  * request-alignment, and this file bounces buffers whose addresses are not
  * aligned to buf-alignment.
  *
- * libvdisk has no resize, so co_truncate drains the node, resizes the file
- * through a plain fd and starts a fresh instance that sees the new capacity.
- * The same plain fd (never O_DIRECT) answers block status with
+ * Multiqueue.  Every thread that issues requests gets its own libvdisk
+ * instance with one queue (a slot), started on its first request and
+ * served by that thread's loop; requests use the calling thread's slot and
+ * take no lock.  The home thread's slot is slot 0, started at open (it gives
+ * the node its size and limits).  One instance per thread rather than one
+ * instance with N queues: libvdisk fixes num-queues before start, and the
+ * daemon's iothreads come and go; all instances open the same inode, so a
+ * flush through any of them covers writes completed through the others
+ * (fsync is per inode), which NBD multi-conn relies on.  Slots are only
+ * appended (under st->lock), never moved, so the lock-free lookup is a scan
+ * of a handful of entries.  A slot's instance is touched only by its own
+ * thread; close (at home, with nothing in flight) hands the other threads'
+ * instances to their loops to be destroyed there.  So a thread that used a
+ * node must keep its loop until the node is closed (vdiskd stops its
+ * iothreads after closing every node).
+ *
+ * libvdisk has no resize, so co_truncate (always at home) drains the node
+ * -- every slot's requests: each slot counts its requests in flight, a
+ * request that finds `resizing` set backs out and waits -- resizes the file
+ * through a plain fd and restarts the home instance, which sees the new
+ * capacity; the other slots restart on their next request (st->gen).  The
+ * same plain fd (never O_DIRECT) answers block status with
  * SEEK_DATA/SEEK_HOLE.
  */
 #include <fcntl.h>
@@ -25,19 +43,32 @@
 
 #include "block-int.h"
 
-struct file_state {
+#define FILE_MAX_THREADS 64
+
+/* One thread's libvdisk instance. */
+struct file_slot {
+	struct vd_loop *loop; /* its thread; set once, before the slot is published */
 	struct vdisk *v;
-	struct vdiskq *q;  /* NULL after a failed restart: I/O fails with -EIO */
+	struct vdiskq *q;     /* NULL: not started, or a (re)start failed */
+	unsigned gen;         /* st->gen the instance was started for */
+	unsigned in_flight;   /* atomic: the resizer reads it from the home thread */
+};
+
+struct file_state {
 	int fd;            /* plain fd: lseek, fstat, ftruncate */
 	const char *driver; /* libvdisk driver */
 	uint32_t buf_align;
 	int max_segments;
 
-	/* Resizing drains the node: requests wait while it runs. */
-	unsigned in_flight;
-	bool resizing;
+	struct file_slot slots[FILE_MAX_THREADS];
+	int n_slots;   /* atomic: slots published so far */
+	unsigned gen;  /* atomic: bumped by every resize */
+
+	/* Resizing drains the node: requests wait while it runs.  Under lock. */
+	pthread_mutex_t lock;
+	bool resizing;                  /* also read without the lock (atomic) */
 	struct vd_co_queue resize_done; /* requests waiting for the resize to finish */
-	struct vd_co_queue drained;     /* the resize, waiting for in_flight == 0 */
+	struct vd_co_queue drained;     /* the resize, waiting for every in_flight == 0 */
 };
 
 /* ---- the libvdisk instance ------------------------------------------------------------ */
@@ -88,20 +119,20 @@ static int configure(struct vd_bnode *bs, struct file_state *st, struct vdisk *v
 }
 
 /* Limits the framework and the I/O path need, read once connected. */
-static int read_limits(struct vd_bnode *bs, struct file_state *st)
+static int read_limits(struct vd_bnode *bs, struct file_state *st, struct vdisk *v)
 {
 	int align = 1, buf_align = 1, max_transfer = 0;
 	uint64_t capacity = 0;
-	int ret = vdisk_get_uint64(st->v, "capacity", &capacity);
+	int ret = vdisk_get_uint64(v, "capacity", &capacity);
 
 	if (ret == 0)
-		ret = vdisk_get_int(st->v, "request-alignment", &align);
+		ret = vdisk_get_int(v, "request-alignment", &align);
 	if (ret == 0)
-		ret = vdisk_get_int(st->v, "buf-alignment", &buf_align);
+		ret = vdisk_get_int(v, "buf-alignment", &buf_align);
 	if (ret == 0)
-		ret = vdisk_get_int(st->v, "max-transfer", &max_transfer);
+		ret = vdisk_get_int(v, "max-transfer", &max_transfer);
 	if (ret == 0)
-		ret = vdisk_get_int(st->v, "max-segments", &st->max_segments);
+		ret = vdisk_get_int(v, "max-segments", &st->max_segments);
 	if (ret < 0)
 		return ret;
 	bs->size = capacity;
@@ -111,37 +142,104 @@ static int read_limits(struct vd_bnode *bs, struct file_state *st)
 	return 0;
 }
 
-static int start_instance(struct vd_bnode *bs, struct file_state *st)
+/* Start slot's instance in the calling thread (its own); home: also read the node's size and limits. */
+static int start_instance(struct vd_bnode *bs, struct file_state *st, struct file_slot *slot, bool home)
 {
-	int ret = vdisk_create(st->driver, &st->v);
+	int ret = vdisk_create(st->driver, &slot->v);
 
 	if (ret == 0)
-		ret = configure(bs, st, st->v);
+		ret = configure(bs, st, slot->v);
 	if (ret == 0)
-		ret = vdisk_connect(st->v); /* its message names the file */
+		ret = vdisk_connect(slot->v); /* its message names the file */
+	if (ret == 0 && home)
+		ret = read_limits(bs, st, slot->v);
 	if (ret == 0)
-		ret = read_limits(bs, st);
+		ret = vdisk_set_int(slot->v, "num-queues", 1);
 	if (ret == 0)
-		ret = vdisk_set_int(st->v, "num-queues", 1);
-	if (ret == 0)
-		ret = vdisk_start(st->v);
-	if (ret == 0 && !(st->q = vdisk_get_queue(st->v, 0)))
+		ret = vdisk_start(slot->v);
+	if (ret == 0 && !(slot->q = vdisk_get_queue(slot->v, 0)))
 		ret = -EINVAL;
 	if (ret == 0)
-		ret = vd_loop_add_queue(vd_loop_get(), st->q);
+		ret = vd_loop_add_queue(vd_loop_get(), slot->q);
 	if (ret < 0) {
-		vdisk_destroy(&st->v);
-		st->q = NULL;
+		vdisk_destroy(&slot->v);
+		slot->q = NULL;
 	}
 	return ret;
 }
 
-static void stop_instance(struct file_state *st)
+static void destroy_instance(struct vd_loop *loop, struct vdisk **v, struct vdiskq *q)
 {
-	if (st->q)
-		vd_loop_del_queue(vd_loop_get(), st->q);
-	st->q = NULL;
-	vdisk_destroy(&st->v);
+	if (q)
+		vd_loop_del_queue(loop, q);
+	vdisk_destroy(v);
+}
+
+/* In slot's own thread. */
+static void stop_instance(struct file_slot *slot)
+{
+	destroy_instance(slot->loop, &slot->v, slot->q);
+	slot->q = NULL;
+}
+
+/* Another thread's instance, destroyed in that thread (close). */
+struct remote_stop {
+	struct vd_loop_msg msg;
+	struct vd_loop *loop;
+	struct vdisk *v;
+	struct vdiskq *q;
+};
+
+static void remote_stop_run(void *opaque)
+{
+	struct remote_stop *r = opaque;
+
+	destroy_instance(r->loop, &r->v, r->q);
+	free(r);
+}
+
+static void stop_remote_instance(struct file_slot *slot)
+{
+	struct remote_stop *r;
+
+	if (!slot->v)
+		return;
+	r = malloc(sizeof(*r));
+	if (!r || !vd_loop_accepts_remote(slot->loop)) {
+		/* Cannot reach it: leak the instance rather than touch another thread's loop. */
+		fprintf(stderr, "vdisk: file node: cannot release a thread's I/O instance\n");
+		free(r);
+		return;
+	}
+	*r = (struct remote_stop){ .msg = { .fn = remote_stop_run, .arg = r }, .loop = slot->loop, .v = slot->v,
+				   .q = slot->q };
+	slot->v = NULL;
+	slot->q = NULL;
+	vd_loop_post_msg(slot->loop, &r->msg);
+}
+
+/* The calling thread's slot: a lock-free scan, or a new slot (not started yet). */
+static struct file_slot *my_slot(struct vd_bnode *bs, struct file_state *st)
+{
+	struct vd_loop *self = vd_loop_get();
+	int n = __atomic_load_n(&st->n_slots, __ATOMIC_ACQUIRE);
+	struct file_slot *slot = NULL;
+
+	for (int i = 0; i < n; i++)
+		if (st->slots[i].loop == self)
+			return &st->slots[i];
+	pthread_mutex_lock(&st->lock);
+	n = st->n_slots; /* only this thread adds its own slot: no one else added it meanwhile */
+	if (n < FILE_MAX_THREADS) {
+		slot = &st->slots[n];
+		slot->loop = self;
+		slot->q = NULL;
+		__atomic_store_n(&st->n_slots, n + 1, __ATOMIC_RELEASE);
+	}
+	pthread_mutex_unlock(&st->lock);
+	if (!slot)
+		vd_error(EMFILE, "file '%s': more than %d threads issue requests", bs->filename, FILE_MAX_THREADS);
+	return slot;
 }
 
 /* ---- open / close ---------------------------------------------------------------------- */
@@ -153,21 +251,28 @@ static int file_open(struct vd_bnode *bs, json_t *opts, int flags)
 
 	(void)flags;
 	st->fd = -1;
+	pthread_mutex_init(&st->lock, NULL);
 	vd_co_queue_init(&st->resize_done);
 	vd_co_queue_init(&st->drained);
+	st->slots[0].loop = vd_loop_get();
+	st->n_slots = 1;
 	if (!bs->filename || !bs->filename[0])
 		return vd_error(EINVAL, "driver 'file' needs a 'filename'");
 	ret = aio_to_driver(bs, vd_opt_str(opts, "aio", "io_uring"), &st->driver);
 	if (ret < 0)
 		return ret;
-	ret = start_instance(bs, st);
+	ret = start_instance(bs, st, &st->slots[0], true);
 	if (ret < 0)
-		return ret;
+		goto fail;
 	st->fd = open(bs->filename, (bs->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
 	if (st->fd < 0) {
 		ret = vd_error(errno, "file '%s': %s", bs->filename, strerror(errno));
-		stop_instance(st);
+		stop_instance(&st->slots[0]);
+		goto fail;
 	}
+	return 0;
+fail:
+	pthread_mutex_destroy(&st->lock);
 	return ret;
 }
 
@@ -175,30 +280,72 @@ static void file_close(struct vd_bnode *bs)
 {
 	struct file_state *st = bs->opaque;
 
-	stop_instance(st);
+	stop_instance(&st->slots[0]);
+	for (int i = 1; i < st->n_slots; i++)
+		stop_remote_instance(&st->slots[i]);
 	if (st->fd >= 0)
 		close(st->fd);
 	st->fd = -1;
+	pthread_mutex_destroy(&st->lock);
 }
 
 /* ---- requests -------------------------------------------------------------------------- */
 
-/* Enter the node's I/O section: wait out a resize; -EIO if the instance is gone. */
-static int io_begin(struct vd_bnode *bs, struct file_state *st)
+/* A resize is running: park until it is over. */
+static void wait_resize(struct file_state *st)
 {
+	pthread_mutex_lock(&st->lock);
 	while (st->resizing)
-		vd_co_queue_wait(&st->resize_done, NULL);
-	if (!st->q)
-		return vd_error(EIO, "file '%s': no I/O instance (a resize failed to restart it)", bs->filename);
-	st->in_flight++;
-	return 0;
+		vd_co_queue_wait_mt(&st->resize_done, &st->lock);
+	pthread_mutex_unlock(&st->lock);
 }
 
-static void io_end(struct file_state *st)
+static void io_end(struct file_state *st, struct file_slot *slot)
 {
-	st->in_flight--;
-	if (st->resizing && st->in_flight == 0)
+	/* seq_cst pairs with the resizer's: it sees our count, or we see its flag and wake it. */
+	if (__atomic_sub_fetch(&slot->in_flight, 1, __ATOMIC_SEQ_CST) == 0 &&
+	    __atomic_load_n(&st->resizing, __ATOMIC_SEQ_CST)) {
+		pthread_mutex_lock(&st->lock);
 		vd_co_queue_wake_all(&st->drained);
+		pthread_mutex_unlock(&st->lock);
+	}
+}
+
+/*
+ * Enter the node's I/O section in the calling thread's slot: wait out a
+ * resize; (re)start the slot's instance if it has none or an old one.
+ * NULL with the message set if it cannot be started.
+ */
+static struct file_slot *io_begin(struct vd_bnode *bs, struct file_state *st)
+{
+	struct file_slot *slot = my_slot(bs, st);
+	unsigned gen;
+
+	if (!slot)
+		return NULL;
+	for (;;) {
+		__atomic_add_fetch(&slot->in_flight, 1, __ATOMIC_SEQ_CST);
+		if (!__atomic_load_n(&st->resizing, __ATOMIC_SEQ_CST))
+			break;
+		io_end(st, slot);
+		wait_resize(st);
+	}
+	/* No resize can start its restart while we count as in flight. */
+	gen = __atomic_load_n(&st->gen, __ATOMIC_ACQUIRE);
+	if (slot->q && slot->gen == gen)
+		return slot;
+	if (slot != &st->slots[0]) {
+		if (slot->v)
+			stop_instance(slot);
+		if (start_instance(bs, st, slot, false) == 0)
+			slot->gen = gen;
+	}
+	if (!slot->q) {
+		vd_error_prefix(EIO, "file '%s': cannot start I/O in this thread: ", bs->filename);
+		io_end(st, slot);
+		return NULL;
+	}
+	return slot;
 }
 
 static int io_result(struct vd_bnode *bs, const char *op, uint64_t off, int ret)
@@ -236,17 +383,18 @@ static int rw(struct vd_bnode *bs, bool write, uint64_t off, const struct iovec 
 {
 	struct file_state *st = bs->opaque;
 	struct vd_io_wait w = { 0 };
-	int ret = io_begin(bs, st);
+	struct file_slot *slot = io_begin(bs, st);
+	int ret;
 
-	if (ret < 0)
-		return ret;
+	if (!slot)
+		return -EIO;
 	if (write)
-		ret = vdiskq_writev(st->q, off, iov, niov, &w, req_flags(flags));
+		ret = vdiskq_writev(slot->q, off, iov, niov, &w, req_flags(flags));
 	else
-		ret = vdiskq_readv(st->q, off, iov, niov, &w, 0);
+		ret = vdiskq_readv(slot->q, off, iov, niov, &w, 0);
 	if (ret == 0)
-		ret = vd_loop_co_wait_io(st->q, &w);
-	io_end(st);
+		ret = vd_loop_co_wait_io(slot->q, &w);
+	io_end(st, slot);
 	return io_result(bs, write ? "write" : "read", off, ret);
 }
 
@@ -339,19 +487,20 @@ static int range_request(struct vd_bnode *bs, enum range_op op, uint64_t off, ui
 	static const char *const names[] = { "write-zeroes", "discard", "flush" };
 	struct file_state *st = bs->opaque;
 	struct vd_io_wait w = { 0 };
-	int ret = io_begin(bs, st);
+	struct file_slot *slot = io_begin(bs, st);
+	int ret;
 
-	if (ret < 0)
-		return ret;
+	if (!slot)
+		return -EIO;
 	if (op == OP_ZEROES)
-		ret = vdiskq_write_zeroes(st->q, off, len, &w, flags);
+		ret = vdiskq_write_zeroes(slot->q, off, len, &w, flags);
 	else if (op == OP_DISCARD)
-		ret = vdiskq_discard(st->q, off, len, &w, flags);
+		ret = vdiskq_discard(slot->q, off, len, &w, flags);
 	else
-		ret = vdiskq_flush(st->q, &w, flags);
+		ret = vdiskq_flush(slot->q, &w, flags);
 	if (ret == 0)
-		ret = vd_loop_co_wait_io(st->q, &w);
-	io_end(st);
+		ret = vd_loop_co_wait_io(slot->q, &w);
+	io_end(st, slot);
 	return io_result(bs, names[op], off, ret);
 }
 
@@ -442,31 +591,54 @@ static int resize_file(struct vd_bnode *bs, struct file_state *st, uint64_t size
 	return grow_prealloc(bs, st->fd, old, size, prealloc);
 }
 
-/* Wait until no request is in flight; new ones queue behind st->resizing. */
-static void drain(struct file_state *st)
+static unsigned total_in_flight(struct file_state *st)
 {
-	while (st->in_flight)
-		vd_co_queue_wait(&st->drained, NULL);
+	int n = __atomic_load_n(&st->n_slots, __ATOMIC_ACQUIRE);
+	unsigned sum = 0;
+
+	for (int i = 0; i < n; i++)
+		sum += __atomic_load_n(&st->slots[i].in_flight, __ATOMIC_SEQ_CST);
+	return sum;
+}
+
+/* Become the one resize, and wait until no thread has a request in flight; new ones wait. */
+static void drain_begin(struct file_state *st)
+{
+	pthread_mutex_lock(&st->lock);
+	while (st->resizing)
+		vd_co_queue_wait_mt(&st->resize_done, &st->lock);
+	__atomic_store_n(&st->resizing, true, __ATOMIC_SEQ_CST);
+	while (total_in_flight(st))
+		vd_co_queue_wait_mt(&st->drained, &st->lock);
+	pthread_mutex_unlock(&st->lock);
+}
+
+static void drain_end(struct file_state *st)
+{
+	pthread_mutex_lock(&st->lock);
+	__atomic_store_n(&st->resizing, false, __ATOMIC_SEQ_CST);
+	vd_co_queue_wake_all(&st->resize_done);
+	pthread_mutex_unlock(&st->lock);
 }
 
 static int file_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const char *prealloc)
 {
 	struct file_state *st = bs->opaque;
+	struct file_slot *home = &st->slots[0];
 	int ret;
 
 	if (!exact && size <= bs->size)
 		return 0; /* "at least size" already holds */
-	while (st->resizing)
-		vd_co_queue_wait(&st->resize_done, NULL);
-	st->resizing = true;
-	drain(st);
+	drain_begin(st);
 	ret = resize_file(bs, st, size, prealloc);
 	/* Restart even after a failed resize: the file may have changed size anyway. */
-	stop_instance(st);
-	if (start_instance(bs, st) < 0 && ret == 0)
+	stop_instance(home);
+	if (start_instance(bs, st, home, true) < 0 && ret == 0)
 		ret = vd_error_prefix(EIO, "file '%s': restarting I/O after resize: ", bs->filename);
-	st->resizing = false;
-	vd_co_queue_wake_all(&st->resize_done);
+	/* The other threads' instances still have the old capacity: they restart on their next request. */
+	__atomic_add_fetch(&st->gen, 1, __ATOMIC_RELEASE);
+	home->gen = st->gen;
+	drain_end(st);
 	return ret;
 }
 
@@ -492,6 +664,7 @@ const struct vd_format vd_format_file = {
 	.state_size = sizeof(struct file_state),
 	.options = file_options,
 	.is_protocol = true,
+	.multiqueue = true,
 	.supports_fua = true,
 	.open = file_open,
 	.close = file_close,

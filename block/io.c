@@ -13,12 +13,115 @@
  *   5. applies the cache mode: writethrough flushes the node after each
  *      write, FUA is emulated with a flush for formats without FUA support,
  *      no-flush drops flushes.
+ * Before all that, a request from a thread other than the node's home, on a
+ * node whose format is not multiqueue, is forwarded to the home thread and
+ * runs there from step 1 (see "Threads" in block.h).
  */
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "block-int.h"
+
+/* ---- threads ------------------------------------------------------------------------ */
+
+/* Counters several threads bump at once. */
+#define STAT_ADD(field, n) __atomic_fetch_add(&(field), (n), __ATOMIC_RELAXED)
+
+bool vd_bnode_runs_here(const struct vd_bnode *bs)
+{
+	return bs->fmt->multiqueue || bs->home == vd_loop_get();
+}
+
+enum fwd_op { FWD_READ, FWD_WRITE, FWD_ZEROES, FWD_DISCARD, FWD_FLUSH, FWD_STATUS, FWD_TRUNCATE };
+
+/* A request travelling to its node's home thread (on the caller's stack). */
+struct fwd {
+	enum fwd_op op;
+	struct vd_bnode *bs;
+	uint64_t off, len;
+	struct vd_qiov *qiov;
+	size_t qiov_off;
+	int flags;
+	uint64_t *pnum, *map;
+	struct vd_bnode **file;
+	bool exact;
+	const char *prealloc;
+	int ret;
+	char msg[512]; /* the home thread's error message, re-raised in the caller's */
+};
+
+/* The home thread: the same entry point again, which now runs here. */
+static void fwd_run(void *opaque)
+{
+	struct fwd *f = opaque;
+	struct vd_bnode *bs = f->bs;
+
+	switch (f->op) {
+	case FWD_READ:
+		f->ret = vd_bnode_co_preadv(bs, f->off, f->len, f->qiov, f->qiov_off, f->flags);
+		break;
+	case FWD_WRITE:
+		f->ret = vd_bnode_co_pwritev(bs, f->off, f->len, f->qiov, f->qiov_off, f->flags);
+		break;
+	case FWD_ZEROES:
+		f->ret = vd_bnode_co_pwrite_zeroes(bs, f->off, f->len, f->flags);
+		break;
+	case FWD_DISCARD:
+		f->ret = vd_bnode_co_pdiscard(bs, f->off, f->len);
+		break;
+	case FWD_FLUSH:
+		f->ret = vd_bnode_co_flush(bs);
+		break;
+	case FWD_STATUS:
+		f->ret = vd_bnode_co_block_status(bs, f->off, f->len, f->pnum, f->map, f->file);
+		break;
+	case FWD_TRUNCATE:
+		f->ret = vd_bnode_co_truncate(bs, f->len, f->exact, f->prealloc);
+		break;
+	}
+	if (f->ret < 0)
+		snprintf(f->msg, sizeof(f->msg), "%s", vdisk_get_error_msg());
+}
+
+/* Both threads must accept cross-thread posts (forwarding, wake-ups of tracked requests). */
+static int check_cross_thread(struct vd_bnode *bs)
+{
+	struct vd_loop *self = vd_loop_get();
+
+	if (!vd_loop_accepts_remote(bs->home))
+		return vd_error(EXDEV, "node '%s' belongs to another thread, which takes no requests from others",
+				vd_bnode_name(bs));
+	if (!vd_loop_accepts_remote(self) && vd_loop_enable_remote(self) < 0)
+		return vd_error(EXDEV, "node '%s': this thread cannot take cross-thread calls", vd_bnode_name(bs));
+	return 0;
+}
+
+static int forward(struct fwd *f)
+{
+	int ret = check_cross_thread(f->bs);
+
+	if (ret < 0)
+		return ret;
+	vd_loop_co_call(f->bs->home, fwd_run, f);
+	if (f->ret < 0)
+		vd_error(-f->ret, "%s", f->msg);
+	return f->ret;
+}
+
+/*
+ * Where a request runs: 0 = in this thread, 1 = forward it home, <0 = it
+ * cannot run (cross-thread calls not set up).
+ */
+static int route(struct vd_bnode *bs)
+{
+	if (bs->home == vd_loop_get())
+		return 0;
+	if (!bs->fmt->multiqueue)
+		return 1;
+	return check_cross_thread(bs);
+}
 
 /* ---- validation -------------------------------------------------------------------- */
 
@@ -285,7 +388,13 @@ static int finish_write(struct vd_bnode *bs, int ret, bool flush_after)
 int vd_bnode_co_preadv(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off,
 		       int flags)
 {
-	int ret = check_range(bs, "read", off, len);
+	int ret = route(bs);
+
+	if (ret > 0)
+		return forward(&(struct fwd){ .op = FWD_READ, .bs = bs, .off = off, .len = len, .qiov = qiov,
+					       .qiov_off = qiov_off, .flags = flags });
+	if (ret == 0)
+		ret = check_range(bs, "read", off, len);
 
 	if (ret == 0)
 		ret = check_qiov(bs, "read", qiov, qiov_off, len);
@@ -293,8 +402,8 @@ int vd_bnode_co_preadv(struct vd_bnode *bs, uint64_t off, uint64_t len, struct v
 		ret = check_op(bs, "read", bs->fmt->co_preadv);
 	if (ret < 0 || len == 0)
 		return ret;
-	bs->rd_ops++;
-	bs->rd_bytes += len;
+	STAT_ADD(bs->rd_ops, 1);
+	STAT_ADD(bs->rd_bytes, len);
 	if (!is_aligned(bs, off, len))
 		return preadv_misaligned(bs, off, len, qiov, qiov_off, flags);
 	return rw_chunks(bs, bs->fmt->co_preadv, off, len, qiov, qiov_off, flags);
@@ -305,7 +414,13 @@ int vd_bnode_co_pwritev(struct vd_bnode *bs, uint64_t off, uint64_t len, struct 
 {
 	struct wsrc src = { .qiov = qiov, .qiov_off = qiov_off, .off = off };
 	bool flush_after;
-	int ret = check_writable(bs, "write");
+	int ret = route(bs);
+
+	if (ret > 0)
+		return forward(&(struct fwd){ .op = FWD_WRITE, .bs = bs, .off = off, .len = len, .qiov = qiov,
+					       .qiov_off = qiov_off, .flags = flags });
+	if (ret == 0)
+		ret = check_writable(bs, "write");
 
 	if (ret == 0)
 		ret = check_range(bs, "write", off, len);
@@ -315,8 +430,8 @@ int vd_bnode_co_pwritev(struct vd_bnode *bs, uint64_t off, uint64_t len, struct 
 		ret = check_op(bs, "write", bs->fmt->co_pwritev);
 	if (ret < 0 || len == 0)
 		return ret;
-	bs->wr_ops++;
-	bs->wr_bytes += len;
+	STAT_ADD(bs->wr_ops, 1);
+	STAT_ADD(bs->wr_bytes, len);
 	flags = write_flags(bs, flags, &flush_after);
 	ret = tracked_write(bs, off, len, &src, write_mid_data, flags);
 	return finish_write(bs, ret, flush_after);
@@ -384,7 +499,12 @@ int vd_bnode_co_pwrite_zeroes(struct vd_bnode *bs, uint64_t off, uint64_t len, i
 {
 	struct wsrc zeroes = { .qiov = NULL, .off = off };
 	bool flush_after;
-	int ret = check_writable(bs, "write-zeroes");
+	int ret = route(bs);
+
+	if (ret > 0)
+		return forward(&(struct fwd){ .op = FWD_ZEROES, .bs = bs, .off = off, .len = len, .flags = flags });
+	if (ret == 0)
+		ret = check_writable(bs, "write-zeroes");
 
 	if (ret == 0)
 		ret = check_range(bs, "write-zeroes", off, len);
@@ -394,8 +514,8 @@ int vd_bnode_co_pwrite_zeroes(struct vd_bnode *bs, uint64_t off, uint64_t len, i
 	if ((flags & VD_BREQ_NO_FALLBACK) && !is_aligned(bs, off, len))
 		return vd_error(ENOTSUP, "node '%s': write-zeroes of [%" PRIu64 ", +%" PRIu64 ") is not aligned to %" PRIu32
 				" and no fallback is allowed", vd_bnode_name(bs), off, len, bs->request_alignment);
-	bs->wr_ops++;
-	bs->wr_bytes += len;
+	STAT_ADD(bs->wr_ops, 1);
+	STAT_ADD(bs->wr_bytes, len);
 	flags = write_flags(bs, flags, &flush_after);
 	ret = tracked_write(bs, off, len, &zeroes, write_mid_zeroes, flags);
 	return finish_write(bs, ret, flush_after);
@@ -414,7 +534,12 @@ int vd_bnode_co_pdiscard(struct vd_bnode *bs, uint64_t off, uint64_t len)
 	uint64_t align = bs->request_alignment > 1 ? bs->request_alignment : 1;
 	uint64_t a_off = vd_align_up(off, align), a_end = vd_align_down(off + len, align);
 	bool flush_after;
-	int ret = check_writable(bs, "discard");
+	int ret = route(bs);
+
+	if (ret > 0)
+		return forward(&(struct fwd){ .op = FWD_DISCARD, .bs = bs, .off = off, .len = len });
+	if (ret == 0)
+		ret = check_writable(bs, "discard");
 
 	if (ret == 0)
 		ret = check_range(bs, "discard", off, len);
@@ -422,8 +547,8 @@ int vd_bnode_co_pdiscard(struct vd_bnode *bs, uint64_t off, uint64_t len)
 		ret = check_op(bs, "discard", bs->fmt->co_pdiscard);
 	if (ret < 0 || a_end <= a_off)
 		return ret;
-	bs->discard_ops++;
-	bs->discard_bytes += len;
+	STAT_ADD(bs->discard_ops, 1);
+	STAT_ADD(bs->discard_bytes, len);
 	write_flags(bs, 0, &flush_after);
 	ret = tracked_write(bs, a_off, a_end - a_off, NULL, discard_mid, 0);
 	return finish_write(bs, ret, flush_after);
@@ -439,7 +564,12 @@ int vd_bnode_co_flush(struct vd_bnode *bs)
 
 	if (!bs || bs->read_only || bs->cache.no_flush)
 		return 0;
-	bs->flush_ops++;
+	ret = route(bs);
+	if (ret > 0)
+		return forward(&(struct fwd){ .op = FWD_FLUSH, .bs = bs });
+	if (ret < 0)
+		return ret;
+	STAT_ADD(bs->flush_ops, 1);
 	if (bs->fmt->co_flush)
 		ret = bs->fmt->co_flush(bs);
 	if (ret == 0)
@@ -502,8 +632,13 @@ int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, ui
 {
 	uint64_t local_map = 0, n = 0;
 	struct vd_bnode *local_file = NULL;
-	int ret;
+	int ret = route(bs);
 
+	if (ret > 0)
+		return forward(&(struct fwd){ .op = FWD_STATUS, .bs = bs, .off = off, .len = len, .pnum = pnum,
+					       .map = map, .file = file });
+	if (ret < 0)
+		return ret;
 	*pnum = 0;
 	if (off >= bs->size)
 		return VD_BS_EOF;
@@ -567,7 +702,17 @@ int vd_bnode_co_is_allocated_above(struct vd_bnode *top, struct vd_bnode *base, 
 
 int vd_bnode_co_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const char *prealloc)
 {
-	int ret = check_writable(bs, "resize");
+	int ret;
+
+	/* Always at home, even on multiqueue nodes: the format drains the other threads. */
+	if (bs->home != vd_loop_get()) {
+		ret = check_cross_thread(bs);
+		if (ret < 0)
+			return ret;
+		return forward(&(struct fwd){ .op = FWD_TRUNCATE, .bs = bs, .len = size, .exact = exact,
+					       .prealloc = prealloc });
+	}
+	ret = check_writable(bs, "resize");
 
 	if (ret == 0)
 		ret = check_op(bs, "resize", bs->fmt->co_truncate);

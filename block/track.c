@@ -8,6 +8,12 @@
  * older requests makes the wait-for graph acyclic, so there is no deadlock,
  * and overlapping conflicting requests run in arrival order.  Requests that
  * do not overlap, or where neither serialises, never wait.
+ *
+ * Requests on a multiqueue node come from several threads: the list and the
+ * wait queues are under bs->track_lock, and a waiter in another thread is
+ * woken through its loop's mailbox (vd_co_queue_wait_mt).  The lock is
+ * never held across a yield, and it is uncontended unless two threads write
+ * the same node at the same moment.
  */
 #include <assert.h>
 
@@ -35,6 +41,7 @@ void vd_bnode_track_begin(struct vd_bnode *bs, struct vd_tracked *t, uint64_t of
 	t->end = off + len;
 	t->serialising = serialising;
 	vd_co_queue_init(&t->waiters);
+	pthread_mutex_lock(&bs->track_lock);
 	t->next = bs->tracked;
 	t->pprev = &bs->tracked;
 	if (t->next)
@@ -43,14 +50,17 @@ void vd_bnode_track_begin(struct vd_bnode *bs, struct vd_tracked *t, uint64_t of
 	if (serialising)
 		bs->serialising_reqs++;
 	else if (bs->serialising_reqs == 0)
-		return; /* fast path: nothing in flight can conflict with us */
+		goto out; /* fast path: nothing in flight can conflict with us */
 	/* Each wake means that request finished and left the list: look again. */
 	while ((o = older_conflict(t)) != NULL)
-		vd_co_queue_wait(&o->waiters, NULL);
+		vd_co_queue_wait_mt(&o->waiters, &bs->track_lock);
+out:
+	pthread_mutex_unlock(&bs->track_lock);
 }
 
 void vd_bnode_track_end(struct vd_bnode *bs, struct vd_tracked *t)
 {
+	pthread_mutex_lock(&bs->track_lock);
 	*t->pprev = t->next;
 	if (t->next)
 		t->next->pprev = t->pprev;
@@ -59,4 +69,5 @@ void vd_bnode_track_end(struct vd_bnode *bs, struct vd_tracked *t)
 		bs->serialising_reqs--;
 	}
 	vd_co_queue_wake_all(&t->waiters);
+	pthread_mutex_unlock(&bs->track_lock);
 }

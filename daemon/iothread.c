@@ -3,10 +3,11 @@
  * vdiskd threads: the main thread and N iothreads, each running its own
  * loop, and the mailboxes they use to hand each other work.
  *
- * A mailbox is a mutex-protected list plus an eventfd registered as an fd
- * handler in the owning thread's loop.  Every message is a function run in
- * a fresh coroutine there, so it may do block I/O (yield) like any request.
- * vdd_thread_call() builds a synchronous call from two posts: the function
+ * The mailboxes are the loops' own (util/loop.h: vd_loop_post and
+ * vd_loop_co_call), shared with the block layer, which forwards requests
+ * to a node's home thread through them.  Every message posted here is a
+ * function run in a fresh coroutine there, so it may do block I/O (yield)
+ * like any request.  vdd_thread_call() is a synchronous call: the function
  * runs in the target thread, then a completion is posted back that resumes
  * the waiting coroutine.
  */
@@ -17,17 +18,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include "daemon.h"
-
-struct msg {
-	struct msg *next;
-	vdd_fn fn;
-	void *arg;
-};
 
 struct vdd_thread {
 	struct vdd_thread *next; /* iothread list (main thread owned) */
@@ -35,10 +29,6 @@ struct vdd_thread {
 	pthread_t pthread;
 	pid_t tid;
 	struct vd_loop *loop; /* set by the thread itself before it is published */
-	int efd;
-
-	pthread_mutex_t lock;
-	struct msg *head, **tail;
 
 	bool stop; /* only touched in the thread itself */
 	bool started;
@@ -72,126 +62,35 @@ struct vd_loop *vdd_thread_loop(const struct vdd_thread *t)
 	return t->loop;
 }
 
-/* ---- mailboxes ------------------------------------------------------------------------- */
-
-static void msg_run(void *opaque)
-{
-	struct msg *m = opaque;
-
-	m->fn(m->arg);
-	free(m);
-}
-
-static void mailbox_event(void *opaque, int fd, int revents)
-{
-	struct vdd_thread *t = opaque;
-	struct msg *list;
-	uint64_t count;
-	ssize_t n = read(fd, &count, sizeof(count));
-
-	(void)n; /* EAGAIN: somebody drained it already; the list is what counts */
-	(void)revents;
-	pthread_mutex_lock(&t->lock);
-	list = t->head;
-	t->head = NULL;
-	t->tail = &t->head;
-	pthread_mutex_unlock(&t->lock);
-	while (list) {
-		struct msg *m = list;
-		struct vd_co *co;
-
-		list = m->next;
-		co = vd_co_create(msg_run, m);
-		if (!co) {
-			fprintf(stderr, "vdiskd: out of memory for a coroutine stack\n");
-			abort();
-		}
-		vd_co_enter(co);
-	}
-}
+/* ---- mailboxes (util/loop.c) -------------------------------------------------------------- */
 
 static int mailbox_init(struct vdd_thread *t)
 {
-	t->head = NULL;
-	t->tail = &t->head;
-	pthread_mutex_init(&t->lock, NULL);
-	t->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-	if (t->efd < 0)
-		return -errno;
 	t->loop = vd_loop_get();
-	return vd_loop_set_fd_handler(t->loop, t->efd, POLLIN, mailbox_event, t);
+	return vd_loop_enable_remote(t->loop);
 }
 
 static void mailbox_fini(struct vdd_thread *t)
 {
-	if (t->efd >= 0) {
-		vd_loop_del_fd_handler(t->loop, t->efd);
-		close(t->efd);
-		t->efd = -1;
-	}
-	pthread_mutex_destroy(&t->lock);
+	vd_loop_disable_remote(t->loop);
 }
 
 void vdd_thread_post(struct vdd_thread *t, vdd_fn fn, void *arg)
 {
-	struct msg *m = malloc(sizeof(*m));
-	uint64_t one = 1;
-	ssize_t n;
-
-	if (!m) {
-		fprintf(stderr, "vdiskd: out of memory posting to thread '%s'\n", t->id);
-		abort();
-	}
-	m->next = NULL;
-	m->fn = fn;
-	m->arg = arg;
-	pthread_mutex_lock(&t->lock);
-	*t->tail = m;
-	t->tail = &m->next;
-	pthread_mutex_unlock(&t->lock);
-	n = write(t->efd, &one, sizeof(one));
-	(void)n; /* the counter only saturates after 2^64 - 2 posts */
-}
-
-struct call {
-	vdd_fn fn;
-	void *arg;
-	struct vdd_thread *origin;
-	struct vd_co *waiter;
-	bool done;
-};
-
-static void call_done(void *opaque)
-{
-	struct call *c = opaque;
-
-	c->done = true;
-	vd_loop_schedule(c->origin->loop, c->waiter);
-}
-
-static void call_run(void *opaque)
-{
-	struct call *c = opaque;
-
-	c->fn(c->arg);
-	vdd_thread_post(c->origin, call_done, c);
+	vd_loop_post(t->loop, fn, arg);
 }
 
 void vdd_thread_call(struct vdd_thread *t, vdd_fn fn, void *arg)
 {
-	struct call c = { .fn = fn, .arg = arg, .origin = self, .waiter = vd_co_self() };
-
 	if (t == self) {
 		fn(arg);
 		return;
 	}
-	if (!c.waiter || !self) {
+	if (!vd_co_self() || !self) {
 		fprintf(stderr, "vdiskd: vdd_thread_call outside a coroutine of a vdiskd thread\n");
 		abort();
 	}
-	vdd_thread_post(t, call_run, &c);
-	while (!c.done)
-		vd_co_yield();
+	vd_loop_co_call(t->loop, fn, arg);
 }
 
 /* ---- main thread ----------------------------------------------------------------------------- */
@@ -292,7 +191,6 @@ int vdd_iothread_add(json_t *opts, char **errp)
 		free(t);
 		return vdd_error(errp, "out of memory");
 	}
-	t->efd = -1;
 	pthread_mutex_init(&t->ready_lock, NULL);
 	pthread_cond_init(&t->ready_cond, NULL);
 	/* Signals go to the main thread's signalfd only. */

@@ -136,6 +136,7 @@ const struct vd_format vdd_format_node_ref = {
 	.state_size = sizeof(struct ref_state),
 	.is_protocol = true,
 	.supports_fua = true, /* passed to the target, which handles FUA itself */
+	.multiqueue = true, /* the target's own entry points decide where its requests run */
 	.open = ref_open,
 	.close = ref_close,
 	.co_preadv = ref_preadv,

@@ -576,10 +576,10 @@ static void stats_fn(void *arg)
 
 	c->out = json_pack("{s:s, s:s, s:{s:I, s:I, s:I, s:I, s:I, s:I, s:I}, s:o}", "node-name", c->n->name,
 			   "iothread", vdd_thread_name(c->n->home), "block-layer", "rd_operations",
-			   (json_int_t)bs->rd_ops, "wr_operations", (json_int_t)bs->wr_ops, "flush_operations",
-			   (json_int_t)bs->flush_ops, "discard_operations", (json_int_t)bs->discard_ops, "rd_bytes",
-			   (json_int_t)bs->rd_bytes, "wr_bytes", (json_int_t)bs->wr_bytes, "discard_bytes",
-			   (json_int_t)bs->discard_bytes, "ops", vd_io_stats_json(c->n->iostats));
+			   (json_int_t)__atomic_load_n(&bs->rd_ops, __ATOMIC_RELAXED), "wr_operations", (json_int_t)__atomic_load_n(&bs->wr_ops, __ATOMIC_RELAXED), "flush_operations",
+			   (json_int_t)__atomic_load_n(&bs->flush_ops, __ATOMIC_RELAXED), "discard_operations", (json_int_t)__atomic_load_n(&bs->discard_ops, __ATOMIC_RELAXED), "rd_bytes",
+			   (json_int_t)__atomic_load_n(&bs->rd_bytes, __ATOMIC_RELAXED), "wr_bytes", (json_int_t)__atomic_load_n(&bs->wr_bytes, __ATOMIC_RELAXED), "discard_bytes",
+			   (json_int_t)__atomic_load_n(&bs->discard_bytes, __ATOMIC_RELAXED), "ops", vd_io_stats_json(c->n->iostats));
 }
 
 json_t *vdd_query_node_stats(void)

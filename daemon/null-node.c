@@ -107,6 +107,7 @@ const struct vd_format vdd_format_null = {
 	.state_size = sizeof(struct null_state),
 	.options = null_options,
 	.is_protocol = true,
+	.multiqueue = true, /* stateless; the sleep timer is per thread */
 	.supports_fua = true,
 	.open = null_open,
 	.co_preadv = null_preadv,

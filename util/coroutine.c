@@ -454,7 +454,9 @@ void vd_co_run_sync(vd_co_fn fn, void *arg)
 struct vd_co_waiter {
 	struct vd_co *co;
 	struct vd_co_waiter *next;
-	bool woken;
+	bool woken;               /* written and read in the waiter's own thread only */
+	struct vd_loop *loop;     /* the waiter's thread's loop */
+	struct vd_loop_msg msg;   /* a wake from another thread travels in this */
 };
 
 static void waiters_push(struct vd_co_waiter **head, struct vd_co_waiter **tail, struct vd_co_waiter *w)
@@ -479,11 +481,30 @@ static struct vd_co_waiter *waiters_pop(struct vd_co_waiter **head, struct vd_co
 	return w;
 }
 
-/* Wake w from the loop, never inline: the waker keeps running until it yields. */
+static void waiter_wake_here(void *opaque)
+{
+	struct vd_co_waiter *w = opaque;
+
+	w->woken = true;
+	vd_loop_schedule(w->loop, w->co);
+}
+
+/*
+ * Wake w from the loop, never inline: the waker keeps running until it
+ * yields.  A waiter in another thread is woken by a message to its loop
+ * (wait queues shared between threads are protected by the caller's
+ * pthread mutex, see vd_co_queue_wait_mt); the waker must not touch w after
+ * posting, since w lives on the waiter's stack.
+ */
 static void waiter_wake(struct vd_co_waiter *w)
 {
-	w->woken = true;
-	vd_loop_schedule(vd_loop_get(), w->co);
+	if (w->loop == vd_loop_get()) {
+		waiter_wake_here(w);
+		return;
+	}
+	w->msg.fn = waiter_wake_here;
+	w->msg.arg = w;
+	vd_loop_post_msg(w->loop, &w->msg);
 }
 
 static void waiter_park(struct vd_co_waiter *w)
@@ -500,7 +521,7 @@ void vd_co_mutex_init(struct vd_co_mutex *m)
 
 void vd_co_mutex_lock(struct vd_co_mutex *m)
 {
-	struct vd_co_waiter w = { .co = vd_co_self() };
+	struct vd_co_waiter w = { .co = vd_co_self(), .loop = vd_loop_get() };
 
 	assert(w.co && "vd_co_mutex_lock outside a coroutine");
 	if (!m->locked) {
@@ -537,7 +558,7 @@ void vd_co_queue_init(struct vd_co_queue *wq)
 
 void vd_co_queue_wait(struct vd_co_queue *wq, struct vd_co_mutex *m)
 {
-	struct vd_co_waiter w = { .co = vd_co_self() };
+	struct vd_co_waiter w = { .co = vd_co_self(), .loop = vd_loop_get() };
 
 	assert(w.co && "vd_co_queue_wait outside a coroutine");
 	waiters_push(&wq->head, &wq->tail, &w);
@@ -546,6 +567,19 @@ void vd_co_queue_wait(struct vd_co_queue *wq, struct vd_co_mutex *m)
 	waiter_park(&w);
 	if (m)
 		vd_co_mutex_lock(m);
+}
+
+void vd_co_queue_wait_mt(struct vd_co_queue *wq, pthread_mutex_t *lock)
+{
+	struct vd_co_waiter w = { .co = vd_co_self(), .loop = vd_loop_get() };
+
+	assert(w.co && "vd_co_queue_wait_mt outside a coroutine");
+	/* A waker in another thread posts to our loop: every thread sharing wq accepts posts. */
+	waiters_push(&wq->head, &wq->tail, &w);
+	pthread_mutex_unlock(lock);
+	/* A wake that comes before we yield is only delivered once we do (it goes through the loop). */
+	waiter_park(&w);
+	pthread_mutex_lock(lock);
 }
 
 bool vd_co_queue_wake_one(struct vd_co_queue *wq)

@@ -8,6 +8,7 @@
 #ifndef VD_COROUTINE_H
 #define VD_COROUTINE_H
 
+#include <pthread.h>
 #include <stdbool.h>
 
 struct vd_co;
@@ -48,6 +49,13 @@ struct vd_co_queue {
 void vd_co_queue_init(struct vd_co_queue *wq);
 /* Park until woken; if m is given it is unlocked while waiting and relocked after. */
 void vd_co_queue_wait(struct vd_co_queue *wq, struct vd_co_mutex *m);
+/*
+ * A wait queue shared between threads: every access to wq (wait, wake,
+ * empty) happens under the caller's pthread mutex `lock`, held on entry;
+ * it is released while parked and held again on return.  Waiters in other
+ * threads are woken through their loops' mailboxes.
+ */
+void vd_co_queue_wait_mt(struct vd_co_queue *wq, pthread_mutex_t *lock);
 /* Schedule the first / all waiters to resume (from the loop, not inline). */
 bool vd_co_queue_wake_one(struct vd_co_queue *wq);
 void vd_co_queue_wake_all(struct vd_co_queue *wq);

@@ -29,9 +29,11 @@
 #include <assert.h>
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <liburing.h>
@@ -83,6 +85,12 @@ struct vd_loop {
 	uint64_t next_token;
 	struct io_uring uring;
 	int uring_state; /* 0: not tried yet, 1: in use, -1: poll() */
+
+	/* Mailbox: other threads append under mb_lock, then kick mb_efd. */
+	pthread_mutex_t mb_lock;
+	struct vd_loop_msg *mb_head, **mb_tail;
+	int mb_efd;      /* -1: not accepting posts */
+	bool mb_enabled; /* atomic: read by posting threads */
 };
 
 static _Thread_local struct vd_loop *thread_loop;
@@ -113,6 +121,9 @@ struct vd_loop *vd_loop_get(void)
 			fprintf(stderr, "vd_loop_get: out of memory\n");
 			abort();
 		}
+		pthread_mutex_init(&thread_loop->mb_lock, NULL);
+		thread_loop->mb_tail = &thread_loop->mb_head;
+		thread_loop->mb_efd = -1;
 	}
 	return thread_loop;
 }
@@ -124,6 +135,8 @@ void vd_loop_free_current(void)
 	if (!l)
 		return;
 	assert(l->ring_len == 0 && "freeing a loop with scheduled coroutines");
+	vd_loop_disable_remote(l);
+	pthread_mutex_destroy(&l->mb_lock);
 	free(l->queues);
 	free(l->ring);
 	free(l->handlers);
@@ -620,6 +633,193 @@ static bool wait_for_events(struct vd_loop *l)
 	if (ring_ready(l))
 		return ring_wait_and_dispatch(l);
 	return poll_and_dispatch(l);
+}
+
+/* ---- mailbox: cross-thread calls --------------------------------------------------- */
+
+static void mailbox_event(void *opaque, int fd, int revents)
+{
+	struct vd_loop *l = opaque;
+	struct vd_loop_msg *list;
+	uint64_t count;
+	ssize_t n = read(fd, &count, sizeof(count));
+
+	(void)n; /* EAGAIN: drained already; the list is what counts */
+	(void)revents;
+	pthread_mutex_lock(&l->mb_lock);
+	list = l->mb_head;
+	l->mb_head = NULL;
+	l->mb_tail = &l->mb_head;
+	pthread_mutex_unlock(&l->mb_lock);
+	while (list) {
+		struct vd_loop_msg *m = list;
+
+		list = m->next; /* before fn: it may free m */
+		m->fn(m->arg);
+	}
+}
+
+int vd_loop_enable_remote(struct vd_loop *l)
+{
+	int ret;
+
+	assert(l == thread_loop && "vd_loop_enable_remote from another thread");
+	if (l->mb_efd >= 0)
+		return 0;
+	l->mb_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (l->mb_efd < 0)
+		return -errno;
+	ret = vd_loop_set_fd_handler(l, l->mb_efd, POLLIN, mailbox_event, l);
+	if (ret < 0) {
+		close(l->mb_efd);
+		l->mb_efd = -1;
+		return ret;
+	}
+	__atomic_store_n(&l->mb_enabled, true, __ATOMIC_RELEASE);
+	return 0;
+}
+
+void vd_loop_disable_remote(struct vd_loop *l)
+{
+	if (l->mb_efd < 0)
+		return;
+	__atomic_store_n(&l->mb_enabled, false, __ATOMIC_RELEASE);
+	/* Whatever was posted before runs now: its poster may be waiting for it. */
+	mailbox_event(l, l->mb_efd, POLLIN);
+	vd_loop_del_fd_handler(l, l->mb_efd);
+	close(l->mb_efd);
+	l->mb_efd = -1;
+}
+
+bool vd_loop_accepts_remote(struct vd_loop *l)
+{
+	return __atomic_load_n(&l->mb_enabled, __ATOMIC_ACQUIRE);
+}
+
+void vd_loop_post_msg(struct vd_loop *l, struct vd_loop_msg *m)
+{
+	uint64_t one = 1;
+	ssize_t n;
+	int efd;
+
+	if (!vd_loop_accepts_remote(l)) {
+		fprintf(stderr, "vd_loop_post: the target thread's loop does not accept cross-thread calls\n");
+		abort();
+	}
+	m->next = NULL;
+	pthread_mutex_lock(&l->mb_lock);
+	*l->mb_tail = m;
+	l->mb_tail = &m->next;
+	efd = l->mb_efd; /* read under the lock: m may be freed once we unlock */
+	pthread_mutex_unlock(&l->mb_lock);
+	n = write(efd, &one, sizeof(one));
+	(void)n; /* the counter only saturates after 2^64 - 2 posts */
+}
+
+struct post_co {
+	struct vd_loop_msg msg;
+	void (*fn)(void *arg);
+	void *arg;
+};
+
+static void post_co_body(void *opaque)
+{
+	struct post_co *p = opaque;
+	void (*fn)(void *arg) = p->fn;
+	void *arg = p->arg;
+
+	free(p);
+	fn(arg);
+}
+
+static void post_co_start(void *opaque)
+{
+	struct vd_co *co = vd_co_create(post_co_body, opaque);
+
+	if (!co) {
+		fprintf(stderr, "vd_loop_post: out of memory for a coroutine stack\n");
+		abort();
+	}
+	vd_co_enter(co);
+}
+
+void vd_loop_post(struct vd_loop *l, void (*fn)(void *arg), void *arg)
+{
+	struct post_co *p = malloc(sizeof(*p));
+
+	if (!p) {
+		fprintf(stderr, "vd_loop_post: out of memory\n");
+		abort();
+	}
+	p->fn = fn;
+	p->arg = arg;
+	p->msg.fn = post_co_start;
+	p->msg.arg = p;
+	vd_loop_post_msg(l, &p->msg);
+}
+
+/* A synchronous cross-thread call: lives on the caller's stack until `done`. */
+struct co_call {
+	struct vd_loop_msg run;  /* caller -> target */
+	struct vd_loop_msg back; /* target -> caller */
+	void (*fn)(void *arg);
+	void *arg;
+	struct vd_loop *origin;
+	struct vd_co *waiter;
+	bool done;
+};
+
+static void co_call_back(void *opaque)
+{
+	struct co_call *c = opaque;
+
+	c->done = true;
+	vd_loop_schedule(c->origin, c->waiter);
+}
+
+static void co_call_body(void *opaque)
+{
+	struct co_call *c = opaque;
+
+	c->fn(c->arg);
+	vd_loop_post_msg(c->origin, &c->back); /* c is gone once the caller resumes */
+}
+
+static void co_call_start(void *opaque)
+{
+	struct vd_co *co = vd_co_create(co_call_body, opaque);
+
+	if (!co) {
+		fprintf(stderr, "vd_loop_co_call: out of memory for a coroutine stack\n");
+		abort();
+	}
+	vd_co_enter(co);
+}
+
+void vd_loop_co_call(struct vd_loop *l, void (*fn)(void *arg), void *arg)
+{
+	struct vd_loop *self = vd_loop_get();
+	struct co_call c = {
+		.run = { .fn = co_call_start, .arg = &c },
+		.back = { .fn = co_call_back, .arg = &c },
+		.fn = fn,
+		.arg = arg,
+		.origin = self,
+		.waiter = vd_co_self(),
+	};
+
+	if (l == self) {
+		fn(arg);
+		return;
+	}
+	if (!c.waiter || vd_loop_enable_remote(self) < 0) {
+		fprintf(stderr, "vd_loop_co_call: %s\n", c.waiter ? "cannot set up this thread's mailbox"
+								  : "called outside a coroutine");
+		abort();
+	}
+	vd_loop_post_msg(l, &c.run);
+	while (!c.done)
+		vd_co_yield();
 }
 
 /* ---- iterations ---------------------------------------------------------------- */

@@ -114,6 +114,7 @@ const struct vd_format vd_format_raw = {
 	.state_size = sizeof(struct raw_state),
 	.options = raw_options,
 	.supports_fua = true, /* FUA passes through to the file */
+	.multiqueue = true, /* stateless: requests pass through in the calling thread */
 	.probe = raw_probe,
 	.open = raw_open,
 	.co_preadv = raw_preadv,
