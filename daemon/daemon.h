@@ -6,9 +6,11 @@
  * handshakes, and owns every table (nodes, exports, iothreads, TLS
  * credentials): tables are only read and changed there.  Each iothread runs
  * its own loop (util/loop.h).  A node lives in one thread, its "home",
- * chosen when it is opened: the file protocol registers its libvdisk queue
- * with the opening thread's loop, so a node is opened, used and closed in
- * that thread only.  An export runs in its node's home thread.
+ * chosen when it is opened: it is opened, moved, queried and closed there.
+ * Requests may be issued from any vdiskd thread (block/block.h, "Threads":
+ * multiqueue formats run them in the caller's thread, others are forwarded
+ * home).  An export runs in its node's home thread; a multi_thread export
+ * type may serve clients from a list of iothreads (exp->threads).
  *
  * Threads talk through mailboxes: vdd_thread_post() runs a function in a
  * fresh coroutine in another thread; vdd_thread_call() does that from a

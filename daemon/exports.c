@@ -59,17 +59,23 @@ static unsigned lat_bin(uint64_t ns)
 	return bin;
 }
 
+#define STAT_ADD(field, n) __atomic_fetch_add(&(field), (n), __ATOMIC_RELAXED)
+#define STAT_GET(field) __atomic_load_n(&(field), __ATOMIC_RELAXED)
+
+/* Any thread: an export may serve from several iothreads, and a node's exports share its counters. */
 void vd_io_stats_account(struct vd_io_stats *s, enum vd_io_op op, uint64_t bytes, uint64_t ns, bool failed)
 {
 	struct vd_io_op_stats *o = &s->op[op];
+	uint64_t max = STAT_GET(o->max_ns);
 
-	o->ops++;
-	o->bytes += bytes;
-	o->errors += failed;
-	o->total_ns += ns;
-	if (ns > o->max_ns)
-		o->max_ns = ns;
-	o->hist[lat_bin(ns)]++;
+	STAT_ADD(o->ops, 1);
+	STAT_ADD(o->bytes, bytes);
+	if (failed)
+		STAT_ADD(o->errors, 1);
+	STAT_ADD(o->total_ns, ns);
+	while (ns > max && !__atomic_compare_exchange_n(&o->max_ns, &max, ns, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+		;
+	STAT_ADD(o->hist[lat_bin(ns)], 1);
 }
 
 json_t *vd_io_stats_json(const struct vd_io_stats *s)
@@ -79,23 +85,24 @@ json_t *vd_io_stats_json(const struct vd_io_stats *s)
 	for (int op = 0; op < VD_IO__MAX; op++) {
 		const struct vd_io_op_stats *o = &s->op[op];
 		json_t *bins = json_array(), *bounds = json_array();
+		uint64_t hist[VD_LAT_BINS], ops = STAT_GET(o->ops), total = STAT_GET(o->total_ns);
 		int last = -1;
 
 		for (int i = 0; i < VD_LAT_BINS; i++)
-			if (o->hist[i])
+			if ((hist[i] = STAT_GET(o->hist[i])))
 				last = i;
 		/* Bins up to the last non-empty one; boundaries between them, in microseconds. */
 		for (int i = 0; i <= last; i++) {
-			json_array_append_new(bins, json_integer((json_int_t)o->hist[i]));
+			json_array_append_new(bins, json_integer((json_int_t)hist[i]));
 			if (i < last)
 				json_array_append_new(bounds, json_integer(i == 0 ? 1 : (json_int_t)1 << i));
 		}
 		json_object_set_new(out, op_names[op],
-				    json_pack("{s:I, s:I, s:I, s:I, s:I, s:{s:o, s:o}}", "ops", (json_int_t)o->ops,
-					      "bytes", (json_int_t)o->bytes, "errors", (json_int_t)o->errors,
-					      "mean-latency-ns", (json_int_t)(o->ops ? o->total_ns / o->ops : 0),
-					      "max-latency-ns", (json_int_t)o->max_ns, "latency-histogram",
-					      "boundaries-us", bounds, "bins", bins));
+				    json_pack("{s:I, s:I, s:I, s:I, s:I, s:{s:o, s:o}}", "ops", (json_int_t)ops, "bytes",
+					      (json_int_t)STAT_GET(o->bytes), "errors", (json_int_t)STAT_GET(o->errors),
+					      "mean-latency-ns", (json_int_t)(ops ? total / ops : 0), "max-latency-ns",
+					      (json_int_t)STAT_GET(o->max_ns), "latency-histogram", "boundaries-us", bounds,
+					      "bins", bins));
 	}
 	return out;
 }
@@ -205,6 +212,7 @@ static void start_fn(void *arg)
 
 static void free_export(struct vd_export *exp)
 {
+	free(exp->threads);
 	free(exp->id);
 	free(exp->node_name);
 	free(exp);
@@ -212,6 +220,74 @@ static void free_export(struct vd_export *exp)
 
 static const char *const generic_args[] = { "type", "id", "node-name", "writable", "iothread", "fixed-iothread",
 					    "multi-conn", "writethrough", NULL };
+
+/*
+ * "iothread" as QEMU spells it (BlockExportOptions, QEMU 10): one thread
+ * name, or a list of them -- a JSON array, or from the command line the
+ * dotted form iothread.0=a,iothread.1=b (an object with keys 0, 1, ...).
+ * A list leaves the node where it is; the export spreads its work over the
+ * threads.  Returns the number of threads (0: none given) in *out (malloc'd).
+ */
+static int parse_iothreads(json_t *opts, struct vdd_thread ***out, int *n, char **errp)
+{
+	json_t *v = json_object_get(opts, "iothread");
+	size_t count;
+
+	*out = NULL;
+	*n = 0;
+	if (!v || json_is_string(v))
+		return 0;
+	if (json_is_object(v)) {
+		/* Dotted keys: "0", "1", ... in order, nothing else. */
+		json_t *list = json_array();
+		char key[24];
+
+		for (size_t i = 0; i < json_object_size(v); i++) {
+			json_t *e;
+
+			snprintf(key, sizeof(key), "%zu", i);
+			e = json_object_get(v, key);
+			if (!e) {
+				json_decref(list);
+				return vdd_error(errp, "block-export-add: 'iothread' list: keys must be 0, 1, ... (missing %s)",
+						 key);
+			}
+			json_array_append(list, e);
+		}
+		json_object_set_new(opts, "iothread", list);
+		v = list;
+	}
+	if (!json_is_array(v))
+		return vdd_error(errp, "block-export-add: 'iothread' must be a thread name or a list of them");
+	count = json_array_size(v);
+	if (count == 0 || count > 64)
+		return vdd_error(errp, "block-export-add: the 'iothread' list must name 1 to 64 threads");
+	*out = calloc(count, sizeof(**out));
+	if (!*out)
+		return vdd_error(errp, "out of memory");
+	for (size_t i = 0; i < count; i++) {
+		json_t *e = json_array_get(v, i);
+
+		if (!json_is_string(e))
+			vdd_error(errp, "block-export-add: 'iothread' list: element %zu is not a string", i);
+		else if (vdd_thread_lookup(json_string_value(e), &(*out)[i], errp) < 0)
+			vdd_error_prefix(errp, "block-export-add: 'iothread' list: ");
+		if (!(*out)[i]) {
+			free(*out);
+			*out = NULL;
+			return -1;
+		}
+		for (size_t j = 0; j < i; j++)
+			if ((*out)[j] == (*out)[i]) {
+				vdd_error(errp, "block-export-add: 'iothread' list names '%s' twice", json_string_value(e));
+				free(*out);
+				*out = NULL;
+				return -1;
+			}
+	}
+	*n = (int)count;
+	return 0;
+}
 
 static int check_args(json_t *opts, const struct vd_export_type *type, char **errp)
 {
@@ -231,14 +307,16 @@ static int check_args(json_t *opts, const struct vd_export_type *type, char **er
 	return 0;
 }
 
+static int add_export(json_t *opts, const struct vd_export_type *type, const char *id, const char *node_name,
+		      bool writable, const char *multi_conn, const char *iothread, bool fixed,
+		      struct vdd_thread **threads, int n_threads, char **errp);
+
 int vdd_export_add(json_t *opts, char **errp)
 {
 	const char *type_name, *id, *node_name, *iothread, *multi_conn;
 	const struct vd_export_type *type;
-	struct vdd_thread *thread;
-	struct start_ctx ctx = { 0 };
-	struct vdd_node *node;
-	struct vd_export *exp;
+	struct vdd_thread **threads;
+	int n_threads;
 	bool writable, fixed;
 
 	if (!json_is_object(opts))
@@ -251,9 +329,38 @@ int vdd_export_add(json_t *opts, char **errp)
 	if (check_args(opts, type, errp) < 0 || vdd_arg_str(opts, "id", true, NULL, &id, errp) < 0 ||
 	    vdd_arg_str(opts, "node-name", true, NULL, &node_name, errp) < 0 ||
 	    vdd_arg_bool(opts, "writable", false, &writable, errp) < 0 ||
-	    vdd_arg_str(opts, "iothread", false, NULL, &iothread, errp) < 0 ||
-	    vdd_arg_str(opts, "multi-conn", false, "auto", &multi_conn, errp) < 0)
+	    vdd_arg_str(opts, "multi-conn", false, "auto", &multi_conn, errp) < 0 ||
+	    vdd_arg_bool(opts, "fixed-iothread", false, &fixed, errp) < 0 ||
+	    parse_iothreads(opts, &threads, &n_threads, errp) < 0)
 		return -1;
+	if (n_threads) {
+		int ret = 0;
+
+		if (!type->multi_thread)
+			ret = vdd_error(errp, "block-export-add: export type '%s' does not support a list of iothreads",
+					type->name);
+		else if (fixed)
+			ret = vdd_error(errp, "block-export-add: fixed-iothread cannot be used with a list of iothreads");
+		if (ret == 0)
+			ret = add_export(opts, type, id, node_name, writable, multi_conn, NULL, false, threads, n_threads,
+					 errp);
+		free(threads);
+		return ret;
+	}
+	if (vdd_arg_str(opts, "iothread", false, NULL, &iothread, errp) < 0)
+		return -1;
+	return add_export(opts, type, id, node_name, writable, multi_conn, iothread, fixed, NULL, 0, errp);
+}
+
+static int add_export(json_t *opts, const struct vd_export_type *type, const char *id, const char *node_name,
+		      bool writable, const char *multi_conn, const char *iothread, bool fixed,
+		      struct vdd_thread **threads, int n_threads, char **errp)
+{
+	struct vdd_thread *thread;
+	struct start_ctx ctx = { 0 };
+	struct vdd_node *node;
+	struct vd_export *exp;
+
 	if (strcmp(multi_conn, "on") && strcmp(multi_conn, "off") && strcmp(multi_conn, "auto"))
 		return vdd_error(errp, "block-export-add: multi-conn must be on, off or auto");
 	if (!id[0])
@@ -263,8 +370,7 @@ int vdd_export_add(json_t *opts, char **errp)
 	node = vdd_node_find(node_name);
 	if (!node || !node->ready || node->closing)
 		return vdd_error(errp, "block-export-add: node '%s' not found", node_name);
-	if (vdd_thread_lookup(iothread, &thread, errp) < 0 ||
-	    vdd_arg_bool(opts, "fixed-iothread", false, &fixed, errp) < 0)
+	if (vdd_thread_lookup(iothread, &thread, errp) < 0)
 		return -1;
 	if (iothread && thread != node->home) {
 		/* As QEMU: the node moves to the export's iothread, unless fixed-iothread forbids it. */
@@ -289,6 +395,16 @@ int vdd_export_add(json_t *opts, char **errp)
 	}
 	exp->type = type;
 	exp->thread = node->home;
+	/* The threads serving clients: the list given, else the node's home. */
+	exp->n_threads = n_threads ? n_threads : 1;
+	exp->threads = calloc((size_t)exp->n_threads, sizeof(*exp->threads));
+	if (!exp->threads) {
+		free(exp->opaque);
+		free_export(exp);
+		return vdd_error(errp, "out of memory");
+	}
+	for (int i = 0; i < exp->n_threads; i++)
+		exp->threads[i] = n_threads ? threads[i] : node->home;
 	exp->writable = writable;
 	exp->refcnt = 1;
 	exp->node_stats = node->iostats;
@@ -407,8 +523,8 @@ static void snap_fn(void *arg)
 	struct vd_export *exp = c->exp;
 
 	c->out = json_pack("{s:s, s:s, s:s, s:i, s:I, s:o}", "id", exp->id, "type", exp->type->name, "node-name",
-			   exp->node_name, "connections", (int)exp->connections, "connections-total",
-			   (json_int_t)exp->connections_total, "ops", vd_io_stats_json(&exp->stats));
+			   exp->node_name, "connections", (int)STAT_GET(exp->connections),
+			   "connections-total", (json_int_t)STAT_GET(exp->connections_total), "ops", vd_io_stats_json(&exp->stats));
 	if (c->out && exp->type->query_stats)
 		exp->type->query_stats(exp, c->out);
 }
@@ -463,6 +579,12 @@ json_t *vdd_query_block_exports(void)
 				      "shutting-down", vd_export_is_shutting_down(exp), "connections",
 				      json_object_get(stats, "connections"));
 
+		json_t *threads = json_array();
+
+		for (int t = 0; t < exp->n_threads; t++)
+			json_array_append_new(threads, json_string(vdd_thread_name(exp->threads[t])));
+		/* "iothread": the node's thread (control); "iothreads": the threads serving clients. */
+		json_object_set_new(o, "iothreads", threads);
 		if (exp->type->query)
 			exp->type->query(exp, o);
 		json_decref(stats);
@@ -488,8 +610,13 @@ json_t *vdd_exports_in_thread(const struct vdd_thread *t)
 {
 	json_t *list = json_array();
 
-	for (struct vd_export *exp = exports; exp; exp = exp->next)
-		if (exp->thread == t)
+	for (struct vd_export *exp = exports; exp; exp = exp->next) {
+		bool here = exp->thread == t;
+
+		for (int i = 0; i < exp->n_threads && !here; i++)
+			here = exp->threads[i] == t;
+		if (here)
 			json_array_append_new(list, json_string(exp->id));
+	}
 	return list;
 }

@@ -18,9 +18,12 @@
  *   destroy   main thread, after the last reference: free the type state.
  *   query     main thread: add type-specific fields to query-block-exports.
  *
- * Threads: an export runs in its node's home thread (see daemon/daemon.h);
- * exp->bs and the statistics are touched only there.  vd_export_post()
- * runs a function in that thread.
+ * Threads: an export runs in its node's home thread (see daemon/daemon.h),
+ * or, for types with multi_thread given a list of iothreads, serves its
+ * clients from those threads (exp->threads), calling the node's request
+ * entry points there.  Control (start, shutdown, queries) stays in
+ * exp->thread.  Statistics may be accounted from any thread.
+ * vd_export_post() runs a function in exp->thread.
  */
 #ifndef VD_EXPORT_H
 #define VD_EXPORT_H
@@ -78,6 +81,12 @@ struct vd_export_type {
 	void (*query)(struct vd_export *exp, json_t *info);
 	/* Statistics beyond vd_io_stats (the export's thread). */
 	void (*query_stats)(struct vd_export *exp, json_t *stats);
+	/*
+	 * Accepts a list of iothreads (exp->threads): the node stays in its
+	 * home and the type spreads its work over the threads (requests reach
+	 * the node from there: see "Threads" in block/block.h).
+	 */
+	bool multi_thread;
 };
 
 struct vd_export {
@@ -85,7 +94,14 @@ struct vd_export {
 	char *id;
 	char *node_name;
 	struct vd_bnode *bs;          /* the node: its home thread only */
-	struct vdd_thread *thread;    /* the node's home thread */
+	struct vdd_thread *thread;    /* the node's home thread: start, shutdown, queries run here */
+	/*
+	 * The threads serving the export's clients: the `iothread` list given
+	 * (multi_thread types), else just `thread`.  Set at creation, then
+	 * read-only.
+	 */
+	struct vdd_thread **threads;
+	int n_threads;
 	bool writable;
 	/*
 	 * Flushes and FUA on any connection cover writes of every connection:
@@ -95,10 +111,10 @@ struct vd_export {
 	 */
 	bool multi_conn;
 	void *opaque;                 /* type state */
-	struct vd_io_stats stats;     /* the export's thread only */
-	struct vd_io_stats *node_stats; /* the node's, shared by its exports (same thread) */
-	uint64_t connections_total;   /* the export's thread only */
-	unsigned connections;         /* the export's thread only */
+	struct vd_io_stats stats;     /* vd_io_stats_account: any thread (atomic) */
+	struct vd_io_stats *node_stats; /* the node's, shared by its exports (atomic) */
+	uint64_t connections_total;   /* atomic with several threads */
+	unsigned connections;         /* atomic with several threads */
 
 	/* Daemon private. */
 	int refcnt;                   /* atomic */

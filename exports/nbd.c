@@ -5,8 +5,20 @@
  * qemu:allocation-depth block status, TLS with X.509 or PSK credentials).
  *
  * Threads.  The NBD server (listeners, handshakes) runs in the main thread;
- * once a client picked an export, its connection moves to the export's
- * thread (the node's home), which serves it until it closes.
+ * once a client picked an export, its connection moves to one of the
+ * export's threads, which serves it until it closes.  By default that is
+ * the node's home.  With a list of iothreads (iothread=[a, b], QEMU's
+ * spelling; iothread.0=a,iothread.1=b on the command line) the export has
+ * one lane per thread and connections are dealt to the lanes round-robin
+ * in the order they finish negotiating: a lane owns its connections, its
+ * buffer pool and its shutdown timer, all touched only in its thread, and
+ * its request coroutines call the node from there (the block layer runs
+ * them in that thread on multiqueue nodes such as raw over file, each
+ * thread with its own libvdisk queue, or forwards them to the node's home
+ * for qcow2).  So NBD multi-conn clients (nbdcopy --connections=4) get one
+ * queue per iothread.  Shutdown (in the node's thread) asks every lane, in
+ * its thread, to stop its connections; the export goes once the last
+ * connection of any lane dropped its reference.
  *
  * A connection in transmission is one receive coroutine plus one coroutine
  * per request:
@@ -214,6 +226,16 @@ struct buf_pool {
 	size_t bytes;
 };
 
+/* What one thread serving an export owns: touched only in that thread. */
+struct nbd_lane {
+	struct nbd_export *e;
+	struct vdd_thread *thread;
+	struct nbd_conn *conns;
+	bool shutdown;
+	struct vdd_timer *grace;
+	struct buf_pool pool;
+};
+
 struct nbd_export {
 	struct vd_export *exp;
 	struct nbd_export *next; /* server list: main thread */
@@ -223,11 +245,10 @@ struct nbd_export {
 	/* Set at start in the export's thread, read-only afterwards. */
 	uint64_t size;
 	uint16_t tflags;
-	/* The export's thread. */
-	struct nbd_conn *conns;
-	bool shutdown;
-	struct vdd_timer *grace;
-	struct buf_pool pool;
+	/* One per exp->threads[i]; the array is fixed at create. */
+	struct nbd_lane *lanes;
+	int n_lanes;
+	unsigned next_lane; /* main thread: round-robin */
 };
 
 static struct nbd_export *nbd_exports; /* main thread */
@@ -272,6 +293,7 @@ struct nbd_conn {
 	struct vdd_timer *deadline;
 	struct vd_export *exp; /* referenced once chosen */
 	struct nbd_export *nexp;
+	struct nbd_lane *lane; /* the thread serving it (transmission) */
 
 	/* Transmission (the export's thread). */
 	struct vd_co_mutex send_lock;
@@ -1390,10 +1412,10 @@ static int cmd_write_zeroes(struct nbd_req *r)
 /* Prefetch: read the range (the page cache keeps it); NBD_CMD_CACHE has no payload. */
 static int cmd_cache(struct nbd_req *r)
 {
-	struct nbd_export *e = r->conn->nexp;
+	struct nbd_lane *lane = r->conn->lane;
 	uint64_t off = r->offset, left = r->len;
 	size_t chunk = left < (1u << 20) ? (size_t)left : (1u << 20);
-	void *buf = left ? pool_get(&e->pool, chunk) : NULL;
+	void *buf = left ? pool_get(&lane->pool, chunk) : NULL;
 	int ret = 0;
 
 	if (left && !buf)
@@ -1405,7 +1427,7 @@ static int cmd_cache(struct nbd_req *r)
 		off += n;
 		left -= n;
 	}
-	pool_put(&e->pool, buf, chunk);
+	pool_put(&lane->pool, buf, chunk);
 	reply_status(r, ret < 0 ? -ret : 0, "cache failed");
 	return ret;
 }
@@ -1580,7 +1602,7 @@ static void req_release(struct nbd_req *r)
 {
 	struct nbd_conn *c = r->conn;
 
-	pool_put(&c->nexp->pool, r->buf, r->buf_len);
+	pool_put(&c->lane->pool, r->buf, r->buf_len);
 	r->buf = NULL;
 	c->inflight_bytes -= r->payload;
 	c->inflight--;
@@ -1723,7 +1745,7 @@ static void recv_loop(struct nbd_conn *c)
 			vd_co_queue_wait(&c->slot_wait, NULL);
 		c->inflight_bytes += payload;
 		if (payload) {
-			r->buf = pool_get(&e->pool, payload);
+			r->buf = pool_get(&c->lane->pool, payload);
 			r->buf_len = payload;
 			if (!r->buf) {
 				if (has_payload) {
@@ -1760,11 +1782,12 @@ static void conn_unlink(struct nbd_conn **list, struct nbd_conn *c)
 	}
 }
 
-/* The export's thread: serve c until it ends, then free it. */
+/* The lane's thread: serve c until it ends, then free it. */
 static void transmission_co(void *opaque)
 {
 	struct nbd_conn *c = opaque;
 	struct nbd_export *e = c->nexp;
+	struct nbd_lane *lane = c->lane;
 	struct vd_export *exp = c->exp;
 
 	vdd_cofd_init(&c->cofd, c->fd);
@@ -1772,7 +1795,7 @@ static void transmission_co(void *opaque)
 	vd_co_queue_init(&c->slot_wait);
 	vd_co_queue_init(&c->drained);
 	c->out_tail = &c->out_head;
-	if (e->shutdown || vd_export_is_shutting_down(exp)) {
+	if (lane->shutdown || vd_export_is_shutting_down(exp)) {
 		conn_free(c);
 		return;
 	}
@@ -1786,23 +1809,23 @@ static void transmission_co(void *opaque)
 		c->reqs[i].next_free = c->free_reqs;
 		c->free_reqs = &c->reqs[i];
 	}
-	c->next = e->conns;
-	e->conns = c;
-	exp->connections++;
-	exp->connections_total++;
+	c->next = lane->conns;
+	lane->conns = c;
+	__atomic_add_fetch(&exp->connections, 1, __ATOMIC_RELAXED);
+	__atomic_add_fetch(&exp->connections_total, 1, __ATOMIC_RELAXED);
 	vd_export_client_event(exp, true, c->id, c->peer);
-	vdd_log("nbd client %" PRIu64 " (%s) connected to export '%s'%s%s", c->id, c->peer, exp->id,
-		c->structured ? ", structured replies" : "", c->tls ? ", TLS" : "");
+	vdd_log("nbd client %" PRIu64 " (%s) connected to export '%s' in thread '%s'%s%s", c->id, c->peer, exp->id,
+		vdd_thread_name(lane->thread), c->structured ? ", structured replies" : "", c->tls ? ", TLS" : "");
 
 	recv_loop(c);
 
 	c->closing = true;
 	while (c->inflight)
 		vd_co_queue_wait(&c->drained, NULL);
-	conn_unlink(&e->conns, c);
-	exp->connections--;
-	if (!e->conns)
-		pool_drain(&e->pool); /* idle exports keep no buffers */
+	conn_unlink(&lane->conns, c);
+	__atomic_sub_fetch(&exp->connections, 1, __ATOMIC_RELAXED);
+	if (!lane->conns)
+		pool_drain(&lane->pool); /* idle lanes keep no buffers */
 	vd_export_client_event(exp, false, c->id, c->peer);
 	vdd_log("nbd client %" PRIu64 " (%s) disconnected from export '%s'", c->id, c->peer, exp->id);
 	conn_free(c); /* drops the export reference last */
@@ -1849,7 +1872,8 @@ static void handshake_co(void *opaque)
 		return;
 	}
 	vdd_cofd_detach(&c->cofd);
-	vd_export_post(c->exp, transmission_co, c);
+	c->lane = &c->nexp->lanes[c->nexp->next_lane++ % (unsigned)c->nexp->n_lanes];
+	vdd_thread_post(c->lane->thread, transmission_co, c);
 }
 
 static void accept_event(void *opaque, int fd, int revents)
@@ -1935,10 +1959,15 @@ static int nbd_create(struct vd_export *exp, json_t *opts, char **errp)
 			return vdd_error(errp, "NBD export '%s' already exists", name);
 	e->exp = exp;
 	e->max_inflight = (unsigned)max_inflight;
-	if (!(e->name = strdup(name)) || (desc && !(e->description = strdup(desc)))) {
+	e->n_lanes = exp->n_threads;
+	e->lanes = calloc((size_t)e->n_lanes, sizeof(*e->lanes));
+	if (!e->lanes || !(e->name = strdup(name)) || (desc && !(e->description = strdup(desc)))) {
+		free(e->lanes);
 		free(e->name);
 		return vdd_error(errp, "out of memory");
 	}
+	for (int i = 0; i < e->n_lanes; i++)
+		e->lanes[i] = (struct nbd_lane){ .e = e, .thread = exp->threads[i] };
 	e->next = nbd_exports;
 	nbd_exports = e;
 	return 0;
@@ -1963,41 +1992,50 @@ static int nbd_start(struct vd_export *exp, char **errp)
 
 static void grace_expired(void *opaque)
 {
-	struct nbd_export *e = opaque;
+	struct nbd_lane *lane = opaque;
 	struct nbd_conn *c, *next;
 
-	for (c = e->conns; c; c = next) {
+	for (c = lane->conns; c; c = next) {
 		next = c->next;
 		conn_break(c);
 	}
 }
 
-static void nbd_shutdown(struct vd_export *exp)
+/* The lane's thread. */
+static void lane_shutdown(void *opaque)
 {
-	struct nbd_export *e = exp->opaque;
-
+	struct nbd_lane *lane = opaque;
 	struct nbd_conn *c, *next;
 
-	e->shutdown = true;
-	for (c = e->conns; c; c = next) {
+	lane->shutdown = true;
+	for (c = lane->conns; c; c = next) {
 		next = c->next; /* waking c's reader may free c */
 		c->closing = true;
 		vd_co_queue_wake_all(&c->slot_wait);
 		/* The reader stops; a writer blocked on a full socket retries until the grace period ends. */
 		vdd_cofd_wake(&c->cofd);
 	}
-	if (e->conns && !e->grace && (e->grace = vdd_timer_new(grace_expired, e)))
-		vdd_timer_arm(e->grace, SHUTDOWN_GRACE_NS);
+	if (lane->conns && !lane->grace && (lane->grace = vdd_timer_new(grace_expired, lane)))
+		vdd_timer_arm(lane->grace, SHUTDOWN_GRACE_NS);
+}
+
+/* The export's thread (a coroutine): every lane, in its own thread. */
+static void nbd_shutdown(struct vd_export *exp)
+{
+	struct nbd_export *e = exp->opaque;
+
+	for (int i = 0; i < e->n_lanes; i++)
+		vdd_thread_call(e->lanes[i].thread, lane_shutdown, &e->lanes[i]);
 	/* The export is destroyed once every connection dropped its reference. */
 }
 
-static void grace_free(void *opaque)
+static void lane_free(void *opaque)
 {
-	struct nbd_export *e = opaque;
+	struct nbd_lane *lane = opaque;
 
-	vdd_timer_free(e->grace);
-	e->grace = NULL;
-	pool_drain(&e->pool);
+	vdd_timer_free(lane->grace);
+	lane->grace = NULL;
+	pool_drain(&lane->pool);
 }
 
 static void nbd_destroy(struct vd_export *exp)
@@ -2010,9 +2048,10 @@ static void nbd_destroy(struct vd_export *exp)
 			break;
 		}
 	}
-	/* The timer and the pool belong to the export's thread. */
-	if (exp->bs)
-		vdd_thread_call(exp->thread, grace_free, e);
+	/* The timers and the pools belong to the lanes' threads. */
+	for (int i = 0; exp->bs && i < e->n_lanes; i++)
+		vdd_thread_call(e->lanes[i].thread, lane_free, &e->lanes[i]);
+	free(e->lanes);
 	free(e->name);
 	free(e->description);
 }
@@ -2037,6 +2076,7 @@ const struct vd_export_type vd_export_type_nbd = {
 	.shutdown = nbd_shutdown,
 	.destroy = nbd_destroy,
 	.query = nbd_query,
+	.multi_thread = true,
 };
 
 /* ==== the server ========================================================================================= */
