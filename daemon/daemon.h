@@ -121,6 +121,20 @@ void vdd_timer_free(struct vdd_timer *t);
 /* From a coroutine: sleep. */
 void vdd_co_sleep_ns(uint64_t ns);
 
+/* ---- shared memory a peer may truncate (memguard.c) ----------------------------------- */
+
+/*
+ * Guard [addr, addr+len), a MAP_SHARED mapping of a peer's file: a SIGBUS
+ * there (the file shrank) replaces the whole range with anonymous memory,
+ * marks the slot faulted and writes 1 to notify_fd (an eventfd), so the
+ * access succeeds and the owner can fail the device from its loop.  Returns
+ * a slot >= 0, or -errno (-ENOSPC: table full).  Remove the slot before
+ * unmapping the range or closing notify_fd.
+ */
+int vdd_memguard_add(void *addr, size_t len, int notify_fd);
+bool vdd_memguard_faulted(int slot);
+void vdd_memguard_remove(int slot);
+
 /* ---- block nodes (nodes.c, node-ref.c, null-node.c) ---------------------------------- */
 
 struct vdd_node {

@@ -50,12 +50,20 @@
  * the used ring at once; the call eventfd is signalled once per loop
  * iteration and queue (respecting EVENT_IDX / NO_INTERRUPT).
  *
- * Not implemented: INFLIGHT_SHMFD (a front end that reconnects resubmits
- * what it had in flight itself: QEMU's vhost-user-blk does so only with the
- * inflight area, so requests in flight at a disconnect are completed to the
- * old memory and then forgotten), CONFIGURE_MEM_SLOTS, a queue->iothread
- * mapping (all queues run in the export's thread), packed rings, migration
- * (LOG_ALL).
+ * Inflight tracking (INFLIGHT_SHMFD): GET_INFLIGHT_FD hands out a sealed
+ * memfd laid out as the vhost-user spec's split-ring area; with
+ * SET_INFLIGHT_FD each ring flags the heads it takes (with an order counter)
+ * and clears them once used (track_taken / push_used).  A ring that starts
+ * over a used area (the front end reconnected after the back end died)
+ * finishes the old back end's last used batch and resubmits what is still
+ * flagged, oldest first, before taking new requests (track_recover).
+ *
+ * Shared memory that shrinks: every mapping of the front end's files is
+ * guarded (daemon/memguard.c): a SIGBUS in it, from any thread, swaps in
+ * anonymous memory and wakes fault_event, which resets the device.
+ *
+ * Not implemented: CONFIGURE_MEM_SLOTS, a queue->iothread mapping (all
+ * queues run in the export's thread), packed rings, migration (LOG_ALL).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -64,6 +72,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stddef.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -96,6 +106,7 @@ struct vub_region {
 	uint8_t *host; /* mapping of [gpa, gpa+size) */
 	void *map;
 	size_t map_len;
+	int guard; /* memguard slot: a SIGBUS in the mapping resets the device */
 };
 
 struct vub_req;
@@ -118,6 +129,10 @@ struct vub_vq {
 	struct vub_req *reqs, *free_reqs;
 	unsigned nreqs;
 	struct vd_co_queue drained;
+	/* Inflight tracking (INFLIGHT_SHMFD): this ring's region of the area, and heads to resubmit on start. */
+	struct vhu_inflight_split *track;
+	uint16_t *resubmit;
+	unsigned nresubmit, resubmit_pos;
 };
 
 struct vub_conn {
@@ -136,6 +151,13 @@ struct vub_conn {
 	unsigned inflight;      /* every queue's */
 	bool poller_running;
 	struct vd_co_queue drained;
+	/* The inflight I/O tracking area (SET_INFLIGHT_FD): ifl_queues regions of ifl_qsize descriptors. */
+	void *ifl_map;
+	size_t ifl_map_len;
+	uint8_t *ifl_base;
+	unsigned ifl_queues, ifl_qsize;
+	int ifl_guard;
+	uint64_t ifl_counter; /* next order number of a taken head */
 };
 
 struct vub_export {
@@ -151,7 +173,8 @@ struct vub_export {
 	struct virtio_blk_config cfg;
 	uint64_t offered;
 	struct vub_conn conn;
-	uint64_t reqs_total, bad_requests, kicks, calls;
+	int fault_fd; /* eventfd: memguard saw a SIGBUS in the front end's memory */
+	uint64_t reqs_total, bad_requests, kicks, calls, resubmitted;
 };
 
 struct vub_req {
@@ -216,11 +239,26 @@ static void *uva_ptr(struct vub_conn *c, uint64_t uva, uint64_t len)
 	return NULL;
 }
 
+static void unmap_region(struct vub_region *r)
+{
+	vdd_memguard_remove(r->guard);
+	munmap(r->map, r->map_len);
+}
+
 static void unmap_regions(struct vub_conn *c)
 {
 	for (int i = 0; i < c->nregions; i++)
-		munmap(c->regions[i].map, c->regions[i].map_len);
+		unmap_region(&c->regions[i]);
 	c->nregions = 0;
+}
+
+/* Did the front end shrink a file under one of our mappings (memguard replaced it)? */
+static bool memory_faulted(struct vub_conn *c)
+{
+	for (int i = 0; i < c->nregions; i++)
+		if (vdd_memguard_faulted(c->regions[i].guard))
+			return true;
+	return c->ifl_map && vdd_memguard_faulted(c->ifl_guard);
 }
 
 /* ---- virtqueues: rings and notifications ----------------------------------------------------------------- */
@@ -323,13 +361,44 @@ static void schedule_notify(struct vub_vq *vq)
 	vd_loop_schedule(vd_loop_get(), co);
 }
 
+/*
+ * Inflight tracking (vhost-user.rst, "Inflight I/O tracking", split rings):
+ * a head taken from the avail ring gets the next counter value and its
+ * inflight flag; a used one is put on the last-batch list (a batch of one
+ * here) before used->idx moves, then loses its flag, then used_idx follows
+ * used->idx.  A back end that dies anywhere in between leaves an area from
+ * which the next one knows exactly what was in flight (track_recover).
+ * Every field is shared with the front end: we only ever write it here and
+ * bound what we read back.
+ */
+static void track_taken(struct vub_vq *vq, uint16_t head)
+{
+	struct vhu_inflight_desc *d;
+
+	if (!vq->track)
+		return;
+	d = &vq->track->desc[head];
+	__atomic_store_n(&d->counter, vq->c->ifl_counter++, __ATOMIC_RELAXED);
+	__atomic_store_n(&d->inflight, 1, __ATOMIC_RELEASE);
+}
+
 static void push_used(struct vub_vq *vq, uint16_t head, uint32_t len)
 {
 	struct vring_used_elem *e = &vq->used->ring[vq->used_idx % vq->num];
+	struct vhu_inflight_split *t = vq->track;
 
 	e->id = head;
 	e->len = len;
+	if (t) {
+		__atomic_store_n(&t->desc[head].next, __atomic_load_n(&t->last_batch_head, __ATOMIC_RELAXED),
+				 __ATOMIC_RELAXED);
+		__atomic_store_n(&t->last_batch_head, head, __ATOMIC_RELAXED);
+	}
 	__atomic_store_n(&vq->used->idx, ++vq->used_idx, __ATOMIC_RELEASE);
+	if (t) {
+		__atomic_store_n(&t->desc[head].inflight, 0, __ATOMIC_RELEASE);
+		__atomic_store_n(&t->used_idx, vq->used_idx, __ATOMIC_RELEASE);
+	}
 }
 
 /* ---- requests ---------------------------------------------------------------------------------------------- */
@@ -591,20 +660,21 @@ static void req_co(void *opaque)
 	req_done(r, status, written);
 }
 
-/* Take new requests off vq's avail ring; true if there were any. */
+/* Take new requests off vq's avail ring (after those to resubmit); true if there were any. */
 static bool take_requests(struct vub_vq *vq)
 {
 	bool any = false;
 
 	while (vq_ready(vq)) {
+		bool resubmit = vq->resubmit_pos < vq->nresubmit;
 		uint16_t avail_idx = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE), head;
 		struct vub_req *r;
 		const char *why = NULL;
 		struct vd_co *co;
 
-		if (avail_idx == vq->last_avail)
+		if (!resubmit && avail_idx == vq->last_avail)
 			break;
-		if ((uint16_t)(avail_idx - vq->last_avail) > vq->num) {
+		if (!resubmit && (uint16_t)(avail_idx - vq->last_avail) > vq->num) {
 			vq_fail(vq, "avail index moved by more than the ring size");
 			break;
 		}
@@ -613,12 +683,19 @@ static bool take_requests(struct vub_vq *vq)
 			vq->starved = true; /* a completion resumes us */
 			break;
 		}
-		head = __atomic_load_n(&vq->avail->ring[vq->last_avail % vq->num], __ATOMIC_RELAXED);
+		head = resubmit ? vq->resubmit[vq->resubmit_pos]
+				: __atomic_load_n(&vq->avail->ring[vq->last_avail % vq->num], __ATOMIC_RELAXED);
 		if (parse_chain(r, head, &why) < 0) {
 			vq_fail(vq, why);
 			break;
 		}
-		vq->last_avail++;
+		if (resubmit) {
+			vq->resubmit_pos++;
+			vq->c->e->resubmitted++;
+		} else {
+			vq->last_avail++;
+			track_taken(vq, head);
+		}
 		vq->free_reqs = r->next_free;
 		vq->inflight++;
 		vq->c->inflight++;
@@ -796,6 +873,10 @@ static void vq_reset(struct vub_vq *vq)
 	vq->enabled = false;
 	vq->broken = false;
 	vq->starved = false;
+	vq->track = NULL;
+	free(vq->resubmit);
+	vq->resubmit = NULL;
+	vq->nresubmit = vq->resubmit_pos = 0;
 }
 
 static int vq_alloc_reqs(struct vub_vq *vq, unsigned n)
@@ -837,6 +918,115 @@ static void vq_free_reqs(struct vub_vq *vq)
 	vq->nreqs = 0;
 }
 
+static struct vhu_inflight_split *inflight_region(struct vub_conn *c, unsigned i)
+{
+	return (struct vhu_inflight_split *)(c->ifl_base + i * vhu_inflight_queue_bytes((uint16_t)c->ifl_qsize));
+}
+
+struct taken {
+	uint64_t counter;
+	uint16_t head;
+};
+
+static int by_counter(const void *a, const void *b)
+{
+	const struct taken *x = a, *y = b;
+
+	return x->counter < y->counter ? -1 : x->counter > y->counter;
+}
+
+/*
+ * The area says what the last back end had in flight on this ring: finish
+ * its last used batch (flags it had no time to clear), then queue the heads
+ * still in flight for resubmission, oldest first.  They were taken from the
+ * avail ring already, so ours continues after them: last_avail = used->idx +
+ * their number (the front end's vring base cannot know it).
+ */
+static int track_recover(struct vub_vq *vq, struct vhu_inflight_split *t, uint16_t used)
+{
+	struct vub_conn *c = vq->c;
+	uint16_t last_used = __atomic_load_n(&t->used_idx, __ATOMIC_ACQUIRE);
+	struct taken *list;
+	unsigned n = 0;
+
+	if (last_used != used) {
+		uint16_t batch = (uint16_t)(used - last_used), h = __atomic_load_n(&t->last_batch_head, __ATOMIC_RELAXED);
+
+		for (unsigned k = 0; k < batch && k < vq->num && h < vq->num; k++) {
+			__atomic_store_n(&t->desc[h].inflight, 0, __ATOMIC_RELAXED);
+			h = __atomic_load_n(&t->desc[h].next, __ATOMIC_RELAXED);
+		}
+		__atomic_store_n(&t->used_idx, used, __ATOMIC_RELEASE);
+	}
+	list = malloc(sizeof(*list) * vq->num);
+	vq->resubmit = malloc(sizeof(*vq->resubmit) * vq->num);
+	if (!list || !vq->resubmit) {
+		free(list);
+		return -ENOMEM;
+	}
+	for (unsigned h = 0; h < c->ifl_qsize; h++) {
+		if (!__atomic_load_n(&t->desc[h].inflight, __ATOMIC_RELAXED))
+			continue;
+		if (h >= vq->num) {
+			/* Not a head of this ring (it is smaller than the area says): nothing we could resubmit. */
+			__atomic_store_n(&t->desc[h].inflight, 0, __ATOMIC_RELAXED);
+			continue;
+		}
+		list[n].head = (uint16_t)h;
+		list[n].counter = __atomic_load_n(&t->desc[h].counter, __ATOMIC_RELAXED);
+		if (list[n].counter >= c->ifl_counter)
+			c->ifl_counter = list[n].counter + 1;
+		n++;
+	}
+	qsort(list, n, sizeof(*list), by_counter);
+	for (unsigned i = 0; i < n; i++)
+		vq->resubmit[i] = list[i].head;
+	free(list);
+	vq->nresubmit = n;
+	vq->resubmit_pos = 0;
+	vq->used_idx = used;
+	vq->last_avail = (uint16_t)(used + n);
+	vq->signalled_valid = false;
+	if (n)
+		vdd_log("vhost-user-blk export '%s': virtqueue %u: resubmitting %u request%s in flight before the "
+			"reconnect", c->e->exp->id, vq->idx, n, n == 1 ? "" : "s");
+	return 0;
+}
+
+/* Start tracking vq in the inflight area (if the front end gave us one); false if the ring cannot start. */
+static bool track_start(struct vub_vq *vq)
+{
+	struct vub_conn *c = vq->c;
+	struct vhu_inflight_split *t;
+	uint16_t used;
+
+	vq->track = NULL;
+	if (!c->ifl_base || vq->idx >= c->ifl_queues)
+		return true;
+	if (vq->num > c->ifl_qsize) {
+		vq_fail(vq, "ring larger than the inflight area's queue size");
+		return false;
+	}
+	t = inflight_region(c, vq->idx);
+	used = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
+	if (__atomic_load_n(&t->version, __ATOMIC_ACQUIRE) == VHU_INFLIGHT_VERSION) {
+		if (track_recover(vq, t, used) < 0) {
+			vq_fail(vq, "out of memory");
+			return false;
+		}
+	} else {
+		/* A new area (the front end zeroed what GET_INFLIGHT_FD gave it): nothing was in flight. */
+		memset(t->desc, 0, sizeof(t->desc[0]) * c->ifl_qsize);
+		t->features = 0;
+		t->desc_num = (uint16_t)c->ifl_qsize;
+		t->last_batch_head = 0;
+		t->used_idx = used;
+		__atomic_store_n(&t->version, VHU_INFLIGHT_VERSION, __ATOMIC_RELEASE);
+	}
+	vq->track = t;
+	return true;
+}
+
 /* Make vq serve its ring if everything it needs is there. */
 static void vq_maybe_start(struct vub_vq *vq)
 {
@@ -846,6 +1036,11 @@ static void vq_maybe_start(struct vub_vq *vq)
 		vq_fail(vq, "out of memory");
 		return;
 	}
+	free(vq->resubmit);
+	vq->resubmit = NULL;
+	vq->nresubmit = vq->resubmit_pos = 0;
+	if (!track_start(vq))
+		return;
 	if (vd_loop_set_fd_handler(vd_loop_get(), vq->kick_fd, POLLIN, kick_event, vq) < 0) {
 		vq_fail(vq, "cannot watch the kick eventfd");
 		return;
@@ -865,6 +1060,7 @@ struct vub_msg {
 		struct vhu_vring_addr addr;
 		struct vhu_mem_table mem;
 		struct vhu_config config;
+		struct vhu_inflight inflight;
 		uint8_t raw[VUB_MAX_MSG];
 	} p;
 	int fds[VHU_MEM_TABLE_MAX];
@@ -991,6 +1187,48 @@ static int send_reply(struct vub_conn *c, const struct vub_msg *req, const void 
 	return send_all(c, &out, sizeof(out.hdr) + size);
 }
 
+/* A reply carrying one fd (GET_INFLIGHT_FD). */
+static int send_reply_fd(struct vub_conn *c, const struct vub_msg *req, const void *payload, uint32_t size, int fd)
+{
+	struct {
+		struct vhu_hdr hdr;
+		uint8_t p[VUB_MAX_MSG];
+	} out;
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} u;
+	struct iovec iov = { .iov_base = &out, .iov_len = sizeof(out.hdr) + size };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof(u.buf) };
+	struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+	ssize_t n;
+
+	out.hdr.request = req->hdr.request;
+	out.hdr.flags = VHU_VERSION | VHU_FLAG_REPLY;
+	out.hdr.size = size;
+	memcpy(out.p, payload, size);
+	cm->cmsg_level = SOL_SOCKET;
+	cm->cmsg_type = SCM_RIGHTS;
+	cm->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+	for (;;) {
+		n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+			if (c->closing || c->e->shutdown)
+				return -ECANCELED;
+			vdd_cofd_wait(&c->cofd, POLLOUT);
+			continue;
+		}
+		if (n < 0)
+			return -errno;
+		break;
+	}
+	/* The fd went with the first byte; the rest (rarely any) goes as plain data. */
+	return send_all(c, (uint8_t *)&out + n, sizeof(out.hdr) + size - (size_t)n);
+}
+
 static int reply_u64(struct vub_conn *c, const struct vub_msg *req, uint64_t v)
 {
 	return send_reply(c, req, &v, sizeof(v));
@@ -1058,14 +1296,14 @@ static int h_set_mem_table(struct vub_conn *c, struct vub_msg *m, const char **w
 		    r->userspace_addr + r->memory_size < r->userspace_addr) {
 			*why = "bad memory region";
 			for (uint32_t j = 0; j < i; j++)
-				munmap(nr[j].map, nr[j].map_len);
+				unmap_region(&nr[j]);
 			return -EPROTO;
 		}
 		/* Touching a mapping beyond the end of a file is SIGBUS: the file must be as large as the region. */
 		if (fstat(m->fds[i], &st) < 0 || (S_ISREG(st.st_mode) && (uint64_t)st.st_size < len)) {
 			vdd_log("vhost-user-blk export '%s': memory region %u ends beyond its file", c->e->exp->id, i);
 			for (uint32_t j = 0; j < i; j++)
-				munmap(nr[j].map, nr[j].map_len);
+				unmap_region(&nr[j]);
 			return MSG_FAILED;
 		}
 		p = mmap(NULL, (size_t)len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, m->fds[i], 0);
@@ -1073,11 +1311,20 @@ static int h_set_mem_table(struct vub_conn *c, struct vub_msg *m, const char **w
 			vdd_log("vhost-user-blk export '%s': cannot map a memory region of %" PRIu64 " bytes: %s",
 				c->e->exp->id, len, strerror(errno));
 			for (uint32_t j = 0; j < i; j++)
-				munmap(nr[j].map, nr[j].map_len);
+				unmap_region(&nr[j]);
 			return MSG_FAILED;
 		}
 		nr[i] = (struct vub_region){ .gpa = r->guest_phys_addr, .size = r->memory_size, .uva = r->userspace_addr,
 					     .host = (uint8_t *)p + r->mmap_offset, .map = p, .map_len = (size_t)len };
+		/* The front end can still shrink the file later (unless sealed): survive the SIGBUS, reset the device. */
+		nr[i].guard = vdd_memguard_add(p, (size_t)len, c->e->fault_fd);
+		if (nr[i].guard < 0) {
+			vdd_log("vhost-user-blk export '%s': cannot guard a memory region: %s", c->e->exp->id,
+				strerror(-nr[i].guard));
+			for (uint32_t j = 0; j <= i; j++)
+				unmap_region(&nr[j]);
+			return MSG_FAILED;
+		}
 	}
 	/* Requests in flight point into the old mappings. */
 	conn_pause(c);
@@ -1226,6 +1473,16 @@ static int h_vring_fd(struct vub_conn *c, struct vub_msg *m, const char **why)
 		close_fd(&vq->call_fd);
 		vq->call_fd = fd;
 		vq->signalled_valid = false;
+		/*
+		 * A ring restarted from an inflight area may have completions the front end was never told about
+		 * (finished after it went away, or published by the back end before us): one spurious call.
+		 */
+		if (fd >= 0 && vq->started && vq->track) {
+			uint64_t one = 1;
+			ssize_t n = write(fd, &one, sizeof(one));
+
+			(void)n;
+		}
 		break;
 	default:
 		close_fd(&vq->err_fd);
@@ -1270,6 +1527,123 @@ static int h_get_config(struct vub_conn *c, struct vub_msg *m, const char **why)
 	return send_reply(c, m, &out, 12 + cfg->size) < 0 ? -EIO : 0;
 }
 
+/* The geometry of an inflight area a front end asks for or hands us; NULL if we can serve it. */
+static const char *inflight_geometry_error(struct vub_conn *c, const struct vhu_inflight *in)
+{
+	if (in->num_queues == 0 || in->num_queues > c->e->num_queues)
+		return "inflight area: queue count 0 or above num-queues";
+	if (in->queue_size == 0 || in->queue_size > VU_RING_MAX)
+		return "inflight area: queue size 0 or above 1024";
+	return NULL;
+}
+
+/*
+ * GET_INFLIGHT_FD: a new, zeroed area for num_queues rings of queue_size
+ * descriptors, in a memfd sealed against resizing (the front end keeps it and
+ * hands it back with SET_INFLIGHT_FD, to us or to the back end that replaces
+ * us).  mmap_size 0 and no fd tells the front end to do without.
+ */
+static int h_get_inflight_fd(struct vub_conn *c, struct vub_msg *m, const char **why)
+{
+	struct vhu_inflight out = { 0 };
+	const char *bad;
+	int fd, ret;
+
+	if (need_payload(m, offsetof(struct vhu_inflight, padding), why) < 0)
+		return -EPROTO;
+	out.num_queues = m->p.inflight.num_queues;
+	out.queue_size = m->p.inflight.queue_size;
+	bad = inflight_geometry_error(c, &m->p.inflight);
+	if (bad) {
+		vdd_log("vhost-user-blk export '%s': GET_INFLIGHT_FD for %u queues of %u: %s", c->e->exp->id,
+			out.num_queues, out.queue_size, bad);
+		return send_reply(c, m, &out, sizeof(out)) < 0 ? -EIO : 0;
+	}
+	out.mmap_size = out.num_queues * vhu_inflight_queue_bytes(out.queue_size);
+	fd = memfd_create("vdiskd-inflight", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (fd < 0 || ftruncate(fd, (off_t)out.mmap_size) < 0 ||
+	    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+		vdd_log("vhost-user-blk export '%s': cannot create the inflight area: %s", c->e->exp->id,
+			strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		out.mmap_size = 0;
+		return send_reply(c, m, &out, sizeof(out)) < 0 ? -EIO : 0;
+	}
+	ret = send_reply_fd(c, m, &out, sizeof(out), fd);
+	close(fd);
+	return ret < 0 ? -EIO : 0;
+}
+
+static void inflight_unmap(struct vub_conn *c)
+{
+	if (!c->ifl_map)
+		return;
+	vdd_memguard_remove(c->ifl_guard);
+	munmap(c->ifl_map, c->ifl_map_len);
+	c->ifl_map = NULL;
+	c->ifl_base = NULL;
+	c->ifl_queues = c->ifl_qsize = 0;
+}
+
+/* SET_INFLIGHT_FD: the area to track requests in; rings that start from now on resubmit what it says. */
+static int h_set_inflight_fd(struct vub_conn *c, struct vub_msg *m, const char **why)
+{
+	struct vhu_inflight in;
+	uint64_t need, len;
+	struct stat st;
+	void *p;
+	int guard;
+
+	if (need_payload(m, offsetof(struct vhu_inflight, padding), why) < 0)
+		return -EPROTO;
+	if (m->nfds != 1) {
+		*why = "expected exactly one fd";
+		return -EPROTO;
+	}
+	in = m->p.inflight;
+	if ((*why = inflight_geometry_error(c, &in)))
+		return -EPROTO;
+	need = in.num_queues * vhu_inflight_queue_bytes(in.queue_size);
+	if (in.mmap_size < need || in.mmap_offset > SIZE_MAX - need || in.mmap_offset % 8) {
+		*why = "inflight area too small for its queues, or misplaced";
+		return -EPROTO;
+	}
+	for (unsigned i = 0; i < c->e->num_queues; i++) {
+		if (c->vqs[i].started) {
+			vdd_log("vhost-user-blk export '%s': SET_INFLIGHT_FD while virtqueue %u runs: refused",
+				c->e->exp->id, i);
+			return MSG_FAILED;
+		}
+	}
+	len = in.mmap_offset + need; /* we map only what we use */
+	if (fstat(m->fds[0], &st) < 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size < len) {
+		vdd_log("vhost-user-blk export '%s': the inflight area is not a file of at least %" PRIu64 " bytes",
+			c->e->exp->id, len);
+		return MSG_FAILED;
+	}
+	p = mmap(NULL, (size_t)len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, m->fds[0], 0);
+	if (p == MAP_FAILED) {
+		vdd_log("vhost-user-blk export '%s': cannot map the inflight area: %s", c->e->exp->id, strerror(errno));
+		return MSG_FAILED;
+	}
+	guard = vdd_memguard_add(p, (size_t)len, c->e->fault_fd);
+	if (guard < 0) {
+		vdd_log("vhost-user-blk export '%s': cannot guard the inflight area: %s", c->e->exp->id,
+			strerror(-guard));
+		munmap(p, (size_t)len);
+		return MSG_FAILED;
+	}
+	inflight_unmap(c);
+	c->ifl_map = p;
+	c->ifl_map_len = (size_t)len;
+	c->ifl_base = (uint8_t *)p + in.mmap_offset;
+	c->ifl_guard = guard;
+	c->ifl_queues = in.num_queues;
+	c->ifl_qsize = in.queue_size;
+	return 0;
+}
+
 static const char *request_name(uint32_t r)
 {
 	static const char *const names[] = {
@@ -1291,6 +1665,8 @@ static const char *request_name(uint32_t r)
 		[VHU_SET_VRING_ENABLE] = "SET_VRING_ENABLE",
 		[VHU_GET_CONFIG] = "GET_CONFIG",
 		[VHU_SET_CONFIG] = "SET_CONFIG",
+		[VHU_GET_INFLIGHT_FD] = "GET_INFLIGHT_FD",
+		[VHU_SET_INFLIGHT_FD] = "SET_INFLIGHT_FD",
 	};
 
 	return r < sizeof(names) / sizeof(names[0]) && names[r] ? names[r] : "?";
@@ -1301,7 +1677,8 @@ static void conn_reset_rings(struct vub_conn *c);
 /* Handle one message; returns like the handlers (replies of their own are sent here). */
 static int handle(struct vub_conn *c, struct vub_msg *m, bool *replied, const char **why)
 {
-	const uint64_t proto_offered = BIT(VHU_PF_MQ) | BIT(VHU_PF_REPLY_ACK) | BIT(VHU_PF_CONFIG);
+	const uint64_t proto_offered =
+		BIT(VHU_PF_MQ) | BIT(VHU_PF_REPLY_ACK) | BIT(VHU_PF_CONFIG) | BIT(VHU_PF_INFLIGHT_SHMFD);
 	struct vub_export *e = c->e;
 
 	*replied = true;
@@ -1316,6 +1693,10 @@ static int handle(struct vub_conn *c, struct vub_msg *m, bool *replied, const ch
 		return h_get_vring_base(c, m, why);
 	case VHU_GET_CONFIG:
 		return h_get_config(c, m, why);
+	case VHU_GET_INFLIGHT_FD:
+		if (c->proto & BIT(VHU_PF_INFLIGHT_SHMFD))
+			return h_get_inflight_fd(c, m, why);
+		break;
 	}
 	*replied = false;
 	switch (m->hdr.request) {
@@ -1369,10 +1750,15 @@ static int handle(struct vub_conn *c, struct vub_msg *m, bool *replied, const ch
 		return h_vring_enable(c, m, why);
 	case VHU_SET_CONFIG:
 		return MSG_FAILED; /* nothing in our config space is writable (no CONFIG_WCE) */
+	case VHU_SET_INFLIGHT_FD:
+		if (!(c->proto & BIT(VHU_PF_INFLIGHT_SHMFD)))
+			break;
+		return h_set_inflight_fd(c, m, why);
 	default:
-		vdd_log("vhost-user-blk export '%s': unsupported request %u", e->exp->id, m->hdr.request);
-		return MSG_FAILED;
+		break;
 	}
+	vdd_log("vhost-user-blk export '%s': unsupported request %u", e->exp->id, m->hdr.request);
+	return MSG_FAILED;
 }
 
 /* ---- connections ----------------------------------------------------------------------------------------------- */
@@ -1434,6 +1820,7 @@ static void conn_co(void *opaque)
 	for (unsigned i = 0; i < e->num_queues; i++)
 		vq_free_reqs(&c->vqs[i]);
 	unmap_regions(c);
+	inflight_unmap(c);
 	vdd_cofd_detach(&c->cofd);
 	close(c->fd);
 	c->fd = -1;
@@ -1452,6 +1839,7 @@ static void conn_init(struct vub_conn *c, struct vub_export *e, int fd)
 	c->fd = fd;
 	c->active = true;
 	c->id = ++e->next_id;
+	c->ifl_guard = -1;
 	vd_co_queue_init(&c->drained);
 	for (unsigned i = 0; i < VUB_MAX_QUEUES; i++) {
 		struct vub_vq *vq = &c->vqs[i];
@@ -1462,6 +1850,25 @@ static void conn_init(struct vub_conn *c, struct vub_export *e, int fd)
 		vd_co_queue_init(&vq->drained);
 	}
 	vdd_cofd_init(&c->cofd, fd);
+}
+
+/* memguard replaced a mapping the front end shrank under us: reset the device (the daemon lives on). */
+static void fault_event(void *opaque, int fd, int revents)
+{
+	struct vub_export *e = opaque;
+	struct vub_conn *c = &e->conn;
+	uint64_t n;
+	ssize_t r = read(fd, &n, sizeof(n));
+
+	(void)r;
+	(void)revents;
+	if (!c->active || c->closing || !memory_faulted(c))
+		return;
+	vdd_log("vhost-user-blk export '%s': front end %" PRIu64 ": its shared memory shrank under us (SIGBUS, "
+		"survived): resetting the device", e->exp->id, c->id);
+	e->bad_requests++;
+	c->closing = true;
+	vdd_cofd_wake(&c->cofd);
 }
 
 static void accept_event(void *opaque, int fd, int revents);
@@ -1515,6 +1922,7 @@ static int vub_create(struct vd_export *exp, json_t *opts, char **errp)
 
 	e->exp = exp;
 	e->listen_fd = -1;
+	e->fault_fd = -1;
 	if (!json_is_object(addr))
 		return vdd_error(errp, "vhost-user-blk export: 'addr' is required (addr.type=unix,addr.path=PATH)");
 	if (vdd_arg_str(addr, "type", true, NULL, &type, errp) < 0 || vdd_arg_str(addr, "path", true, NULL, &path, errp) < 0)
@@ -1608,6 +2016,17 @@ static int vub_start(struct vd_export *exp, char **errp)
 		unlink(e->path);
 		return vdd_error(errp, "out of memory");
 	}
+	e->fault_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (e->fault_fd < 0 || vd_loop_set_fd_handler(vd_loop_get(), e->fault_fd, POLLIN, fault_event, e) < 0) {
+		vdd_error(errp, "vhost-user-blk export: eventfd: %s", strerror(errno));
+		vd_loop_del_fd_handler(vd_loop_get(), fd);
+		close(fd);
+		unlink(e->path);
+		if (e->fault_fd >= 0)
+			close(e->fault_fd);
+		e->fault_fd = -1;
+		return -1;
+	}
 	e->listen_fd = fd;
 	vdd_log("vhost-user-blk export '%s': listening on unix:%s", exp->id, e->path);
 	return 0;
@@ -1624,6 +2043,8 @@ static void vub_shutdown(struct vd_export *exp)
 		e->listen_fd = -1;
 		unlink(e->path);
 	}
+	if (e->fault_fd >= 0)
+		vd_loop_del_fd_handler(vd_loop_get(), e->fault_fd);
 	if (e->conn.active) {
 		e->conn.closing = true;
 		vdd_cofd_wake(&e->conn.cofd);
@@ -1637,6 +2058,8 @@ static void vub_destroy(struct vd_export *exp)
 
 	free(e->path);
 	free(e->serial);
+	if (e->fault_fd >= 0)
+		close(e->fault_fd); /* the connection, which guarded memory with it, is gone */
 }
 
 static void vub_query(struct vd_export *exp, json_t *info)
@@ -1655,9 +2078,9 @@ static void vub_query_stats(struct vd_export *exp, json_t *stats)
 	struct vub_export *e = exp->opaque;
 
 	json_object_set_new(stats, "vhost-user-blk",
-			    json_pack("{s:I, s:I, s:I, s:I}", "requests", (json_int_t)e->reqs_total, "bad-requests",
+			    json_pack("{s:I, s:I, s:I, s:I, s:I}", "requests", (json_int_t)e->reqs_total, "bad-requests",
 				      (json_int_t)e->bad_requests, "kicks", (json_int_t)e->kicks, "calls",
-				      (json_int_t)e->calls));
+				      (json_int_t)e->calls, "resubmitted", (json_int_t)e->resubmitted));
 }
 
 const struct vd_export_type vd_export_type_vhost_user_blk = {

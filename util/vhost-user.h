@@ -121,6 +121,51 @@ struct vhu_single_region {
 	struct vhu_mem_region region;
 };
 
+/* GET_INFLIGHT_FD / SET_INFLIGHT_FD payload ("inflight description"). */
+struct vhu_inflight {
+	uint64_t mmap_size;
+	uint64_t mmap_offset;
+	uint16_t num_queues;
+	uint16_t queue_size;
+	uint16_t padding[2];
+};
+
+/*
+ * The inflight I/O tracking area of split rings (vhost-user.rst, "Inflight
+ * I/O tracking"): one region per virtqueue, back to back, each a header and
+ * queue_size descriptor states, rounded up to VHU_INFLIGHT_ALIGN bytes (the
+ * alignment QEMU's and DPDK's back ends use; the back end that allocates the
+ * area chooses, the front end only keeps it).
+ */
+struct vhu_inflight_desc {
+	uint8_t inflight; /* head descriptor taken and not yet used */
+	uint8_t padding[5];
+	uint16_t next;    /* list of the last batch of used heads */
+	uint64_t counter; /* order in which heads were taken */
+};
+
+struct vhu_inflight_split {
+	uint64_t features;
+	uint16_t version; /* VHU_INFLIGHT_VERSION; 0: not initialized yet */
+	uint16_t desc_num;
+	uint16_t last_batch_head;
+	uint16_t used_idx; /* used->idx once the last batch's inflight flags were cleared */
+	struct vhu_inflight_desc desc[];
+};
+_Static_assert(sizeof(struct vhu_inflight_desc) == 16 && sizeof(struct vhu_inflight_split) == 16,
+	       "inflight area layout");
+
+#define VHU_INFLIGHT_VERSION 1
+#define VHU_INFLIGHT_ALIGN 64u
+
+/* Bytes of one virtqueue's region in the inflight area. */
+static inline uint64_t vhu_inflight_queue_bytes(uint16_t queue_size)
+{
+	uint64_t n = sizeof(struct vhu_inflight_split) + sizeof(struct vhu_inflight_desc) * (uint64_t)queue_size;
+
+	return (n + VHU_INFLIGHT_ALIGN - 1) / VHU_INFLIGHT_ALIGN * VHU_INFLIGHT_ALIGN;
+}
+
 /* virtio-blk configuration space, up to write_zeroes_may_unmap (virtio 1.1 5.2.4). */
 struct virtio_blk_config {
 	uint64_t capacity;

@@ -25,10 +25,11 @@ SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
 SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR = 12, 13, 14
 GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_VRING_ENABLE = 15, 16, 17, 18
 GET_CONFIG, SET_CONFIG = 24, 25
+GET_INFLIGHT_FD, SET_INFLIGHT_FD = 31, 32
 
 F_RO, F_BLK_SIZE, F_FLUSH, F_MQ, F_DISCARD, F_WRITE_ZEROES = 5, 6, 9, 12, 13, 14
 F_INDIRECT, F_EVENT_IDX, F_PROTOCOL, F_VERSION_1 = 28, 29, 30, 32
-PF_MQ, PF_REPLY_ACK, PF_CONFIG = 0, 3, 9
+PF_MQ, PF_REPLY_ACK, PF_CONFIG, PF_INFLIGHT = 0, 3, 9, 12
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
@@ -42,12 +43,14 @@ class Closed(Exception):
 
 
 class Frontend:
-    def __init__(self, path, mem=4 << 20, timeout=10):
+    def __init__(self, path, mem=4 << 20, timeout=10, memfd=None):
+        """memfd: share this memory (a front end reconnecting with the same guest RAM) instead of a new one."""
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
-        self.memfd = os.memfd_create("vhu-test")
-        os.ftruncate(self.memfd, mem)
+        self.memfd = os.memfd_create("vhu-test") if memfd is None else os.dup(memfd)
+        if memfd is None:
+            os.ftruncate(self.memfd, mem)
         self.mem = mmap.mmap(self.memfd, mem)
         self.size = mem
         self.queues = {}
@@ -63,6 +66,14 @@ class Frontend:
         self.mem.close()
         os.close(self.memfd)
 
+    def hang_up(self):
+        """Close only the socket and the eventfds (the memory stays for the next front end)."""
+        self.sock.close()
+        for q in self.queues.values():
+            os.close(q["kick"])
+            os.close(q["call"])
+        self.queues = {}
+
     # ---- messages ---------------------------------------------------------------------------
 
     def send(self, request, payload=b"", fds=(), flags=FLAG_VERSION, size=None):
@@ -71,6 +82,16 @@ class Frontend:
             socket.send_fds(self.sock, [hdr + payload], list(fds))
         else:
             self.sock.sendall(hdr + payload)
+
+    def recv_fds(self, request):
+        """A reply that may carry fds: (payload, [fds])."""
+        msg, fds, _, _ = socket.recv_fds(self.sock, 12, 4)
+        if not msg:
+            raise Closed()
+        hdr = msg + self._recv_exact(12 - len(msg))
+        req, flags, size = struct.unpack("<III", hdr)
+        assert flags & FLAG_REPLY and req == request, (req, flags)
+        return self._recv_exact(size), fds
 
     def recv(self, request=None):
         hdr = self._recv_exact(12)
@@ -124,6 +145,20 @@ class Frontend:
         if self.reply_ack:
             return struct.unpack("<Q", self.recv(request))[0]
         return None
+
+    # ---- inflight I/O tracking ---------------------------------------------------------------
+
+    def get_inflight(self, num_queues=1, queue_size=16):
+        """GET_INFLIGHT_FD: (mmap_size, mmap_offset, fd or None)."""
+        self.send(GET_INFLIGHT_FD, struct.pack("<QQHHI", 0, 0, num_queues, queue_size, 0))
+        p, fds = self.recv_fds(GET_INFLIGHT_FD)
+        size, off, nq, qs = struct.unpack_from("<QQHH", p)
+        assert (nq, qs) == (num_queues, queue_size) and len(p) == 24
+        return size, off, (fds[0] if fds else None)
+
+    def set_inflight(self, fd, size, num_queues=1, queue_size=16, offset=0):
+        return self.msg(SET_INFLIGHT_FD, struct.pack("<QQHHI", size, offset, num_queues, queue_size, 0),
+                        [fd] if fd is not None else [])
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -211,6 +246,27 @@ class Frontend:
         e = struct.unpack_from("<II", self.mem, q["used"] + 4 + 8 * (q["used_seen"] % q["num"]))
         q["used_seen"] = (q["used_seen"] + 1) & 0xffff
         return e
+
+    def prepare(self, type_, sector=0, data=b"", in_len=0, qi=0, head=0):
+        """Write a direct chain at head without posting it: returns (status offset, in offset, in length)."""
+        hdr = self.alloc(16)
+        struct.pack_into("<IIQ", self.mem, hdr, type_, 0, sector)
+        bufs = [(hdr, 16, 0)]
+        if data:
+            off = self.alloc(len(data), 512)
+            self.mem[off:off + len(data)] = data
+            bufs.append((off, len(data), 0))
+        inb = None
+        if in_len:
+            inb = self.alloc(in_len, 512)
+            bufs.append((inb, in_len, D_WRITE))
+        st = self.alloc(1, 1)
+        self.mem[st] = 0xff
+        bufs.append((st, 1, D_WRITE))
+        q = self.queues[qi]
+        for i, (a, n, f) in enumerate(bufs):
+            self.write_desc(q["desc"], head + i, a, n, f | (D_NEXT if i + 1 < len(bufs) else 0), head + i + 1)
+        return st, inb, in_len
 
     def request(self, type_, sector=0, data=b"", in_len=0, qi=0, head=0, indirect=False, timeout=10):
         """One request: header, [data out], [in buffer], status.  Returns (status, in bytes, used len)."""
