@@ -16,7 +16,7 @@
  *
  *   --export type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=S
  *            [,writable=on][,num-queues=N][,queue-size=N][,logical-block-size=N]
- *            [,iothread=T][,poll-us=N][,serial=STR]
+ *            [,iothread=T | iothread.0=T0,iothread.1=T1...][,poll-us=N][,serial=STR]
  *
  * num-queues: virtqueues offered (1..64, default 1); queue-size: the largest
  * ring a front end may set up (default 256, up to 1024; seg_max follows it);
@@ -24,10 +24,16 @@
  * poll-us: after a burst of requests keep checking the rings for this long
  * (notifications off) before going back to sleep on the kick eventfds.
  *
- * Threads: everything of an export (the listening socket, the front end's
- * control channel, every virtqueue and the requests) runs in the export's
- * thread (its node's home); every virtqueue's kick eventfd is an fd handler
- * of that thread's loop.  One front end at a time (as qemu-storage-daemon):
+ * Threads: the listening socket and the front end's control channel run in
+ * the export's thread (its node's home).  The virtqueues run in lanes
+ * (struct vub_lane): one, the export's thread, unless iothread is a list
+ * (QEMU's spelling), then virtqueue i runs in iothread i mod n: its kick
+ * eventfd is an fd handler of that thread's loop, its requests are
+ * coroutines there calling the node from there (the block layer runs them
+ * in that thread or forwards them to the node's), and each lane has its own
+ * poller.  Lane state is only touched in its thread: control messages about
+ * a ring run there (on_lane, vdd_thread_call), connection-wide ones (memory
+ * table, reset) visit every lane.  One front end at a time (as qemu-storage-daemon):
  * while one is connected we do not accept, so the next waits in the listen
  * backlog and is served when the first leaves.
  *
@@ -62,8 +68,7 @@
  * guarded (daemon/memguard.c): a SIGBUS in it, from any thread, swaps in
  * anonymous memory and wakes fault_event, which resets the device.
  *
- * Not implemented: CONFIGURE_MEM_SLOTS, a queue->iothread mapping (all
- * queues run in the export's thread), packed rings, migration (LOG_ALL).
+ * Not implemented: CONFIGURE_MEM_SLOTS, packed rings, migration (LOG_ALL).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -111,8 +116,26 @@ struct vub_region {
 
 struct vub_req;
 
+/*
+ * A thread serving virtqueues: the export's own, or with an iothread list one
+ * per iothread (virtqueue i -> lane i % n).  A lane's queues -- kick handlers,
+ * requests, notifications, the poller -- live in its thread; the control
+ * channel (export thread) changes them only through vdd_thread_call.
+ */
+struct vub_lane {
+	struct vub_export *e;
+	struct vdd_thread *thread;
+	unsigned idx;
+	/* Touched only in the lane's thread. */
+	unsigned inflight; /* requests of its queues */
+	bool paused;       /* waiting for requests in flight: take no new ones */
+	bool poller_running;
+	struct vd_co_queue drained;
+};
+
 struct vub_vq {
 	struct vub_conn *c;
+	struct vub_lane *lane;
 	unsigned idx;
 	unsigned num;
 	uint64_t desc_uva, avail_uva, used_uva;
@@ -133,6 +156,7 @@ struct vub_vq {
 	struct vhu_inflight_split *track;
 	uint16_t *resubmit;
 	unsigned nresubmit, resubmit_pos;
+	uint64_t ifl_counter; /* next order number of a taken head */
 };
 
 struct vub_conn {
@@ -140,24 +164,20 @@ struct vub_conn {
 	int fd;
 	struct vdd_cofd cofd;
 	uint64_t id;
-	bool active, closing;
-	bool paused; /* waiting for requests in flight: take no new ones */
+	bool active;
+	bool closing; /* atomic: read by the lanes */
 	uint64_t features, proto;
 	bool features_set;
 	bool event_idx, indirect;
 	struct vub_region regions[VUB_MAX_REGIONS];
 	int nregions;
 	struct vub_vq vqs[VUB_MAX_QUEUES];
-	unsigned inflight;      /* every queue's */
-	bool poller_running;
-	struct vd_co_queue drained;
 	/* The inflight I/O tracking area (SET_INFLIGHT_FD): ifl_queues regions of ifl_qsize descriptors. */
 	void *ifl_map;
 	size_t ifl_map_len;
 	uint8_t *ifl_base;
 	unsigned ifl_queues, ifl_qsize;
 	int ifl_guard;
-	uint64_t ifl_counter; /* next order number of a taken head */
 };
 
 struct vub_export {
@@ -165,17 +185,36 @@ struct vub_export {
 	char *path;
 	char *serial;
 	unsigned num_queues, queue_size, lbs, poll_us;
+	struct vub_lane *lanes;
+	unsigned nlanes;
 	/* The export's thread. */
 	int listen_fd;
-	bool shutdown;
+	bool shutdown; /* atomic: read by the lanes */
 	uint64_t next_id;
 	uint64_t capacity; /* bytes, a multiple of lbs */
 	struct virtio_blk_config cfg;
 	uint64_t offered;
 	struct vub_conn conn;
 	int fault_fd; /* eventfd: memguard saw a SIGBUS in the front end's memory */
-	uint64_t reqs_total, bad_requests, kicks, calls, resubmitted;
+	uint64_t reqs_total, bad_requests, kicks, calls, resubmitted; /* atomic */
 };
+
+#define COUNT(x) __atomic_add_fetch(&(x), 1, __ATOMIC_RELAXED)
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+
+static bool conn_closing(struct vub_conn *c)
+{
+	return __atomic_load_n(&c->closing, __ATOMIC_RELAXED) || __atomic_load_n(&c->e->shutdown, __ATOMIC_RELAXED);
+}
+
+static void conn_set_closing(struct vub_conn *c)
+{
+	__atomic_store_n(&c->closing, true, __ATOMIC_RELAXED);
+}
+
+/* The virtqueues of a lane. */
+#define LANE_FOR_EACH_VQ(c, lane, vq)                                                                          \
+	for (unsigned i_ = (lane)->idx; i_ < (c)->e->num_queues && ((vq) = &(c)->vqs[i_]); i_ += (c)->e->nlanes)
 
 struct vub_req {
 	struct vub_vq *vq;
@@ -299,8 +338,7 @@ static bool vq_translate(struct vub_vq *vq)
 
 static bool vq_ready(struct vub_vq *vq)
 {
-	return vq->started && vq->enabled && !vq->broken && vq->desc && !vq->c->closing && !vq->c->paused &&
-	       !vq->c->e->shutdown;
+	return vq->started && vq->enabled && !vq->broken && vq->desc && !vq->lane->paused && !conn_closing(vq->c);
 }
 
 static void vq_fail(struct vub_vq *vq, const char *why)
@@ -309,7 +347,7 @@ static void vq_fail(struct vub_vq *vq, const char *why)
 		vdd_log("vhost-user-blk export '%s': virtqueue %u: %s: queue stopped until the front end resets it",
 			vq->c->e->exp->id, vq->idx, why);
 	vq->broken = true;
-	vq->c->e->bad_requests++;
+	COUNT(vq->c->e->bad_requests);
 }
 
 static bool should_notify(struct vub_vq *vq)
@@ -340,7 +378,7 @@ static void notify_co(void *opaque)
 		ssize_t n = write(vq->call_fd, &one, sizeof(one));
 
 		(void)n; /* EAGAIN: the counter is already non-zero, the front end will look */
-		vq->c->e->calls++;
+		COUNT(vq->c->e->calls);
 	}
 	if (vq->starved) {
 		vq->starved = false;
@@ -378,7 +416,7 @@ static void track_taken(struct vub_vq *vq, uint16_t head)
 	if (!vq->track)
 		return;
 	d = &vq->track->desc[head];
-	__atomic_store_n(&d->counter, vq->c->ifl_counter++, __ATOMIC_RELAXED);
+	__atomic_store_n(&d->counter, vq->ifl_counter++, __ATOMIC_RELAXED);
 	__atomic_store_n(&d->inflight, 1, __ATOMIC_RELEASE);
 }
 
@@ -613,7 +651,6 @@ static uint8_t serve(struct vub_req *r, uint32_t type, uint64_t sector, uint32_t
 static void req_done(struct vub_req *r, uint8_t status, uint32_t written)
 {
 	struct vub_vq *vq = r->vq;
-	struct vub_conn *c = vq->c;
 
 	*r->status = status;
 	push_used(vq, r->head, written);
@@ -621,11 +658,11 @@ static void req_done(struct vub_req *r, uint8_t status, uint32_t written)
 	r->next_free = vq->free_reqs;
 	vq->free_reqs = r;
 	vq->inflight--;
-	c->inflight--;
+	vq->lane->inflight--;
 	if (vq->inflight == 0)
 		vd_co_queue_wake_all(&vq->drained);
-	if (c->inflight == 0)
-		vd_co_queue_wake_all(&c->drained);
+	if (vq->lane->inflight == 0)
+		vd_co_queue_wake_all(&vq->lane->drained);
 }
 
 static void req_co(void *opaque)
@@ -640,7 +677,7 @@ static void req_co(void *opaque)
 	enum vd_io_op op = VD_IO__MAX;
 
 	if (r->bad || r->out.size < sizeof(h)) {
-		e->bad_requests++;
+		COUNT(e->bad_requests);
 		status = VIRTIO_BLK_S_IOERR;
 	} else {
 		vd_qiov_to_buf(&r->out, 0, &h, sizeof(h));
@@ -691,15 +728,15 @@ static bool take_requests(struct vub_vq *vq)
 		}
 		if (resubmit) {
 			vq->resubmit_pos++;
-			vq->c->e->resubmitted++;
+			COUNT(vq->c->e->resubmitted);
 		} else {
 			vq->last_avail++;
 			track_taken(vq, head);
 		}
 		vq->free_reqs = r->next_free;
 		vq->inflight++;
-		vq->c->inflight++;
-		vq->c->e->reqs_total++;
+		vq->lane->inflight++;
+		COUNT(vq->c->e->reqs_total);
 		r->t_start = vdd_now_ns();
 		any = true;
 		co = vd_co_create(req_co, r);
@@ -718,7 +755,7 @@ static void set_avail_event(struct vub_vq *vq)
 		__atomic_store_n(used_avail_event(vq), vq->last_avail, __ATOMIC_RELAXED);
 }
 
-static void start_poller(struct vub_conn *c);
+static void start_poller(struct vub_lane *lane);
 
 /*
  * Take what is on the ring and ask for a kick at the next request; look once
@@ -743,7 +780,7 @@ static bool drain_and_rearm(struct vub_vq *vq)
 static void process_vq(struct vub_vq *vq)
 {
 	if (drain_and_rearm(vq) && vq->c->e->poll_us)
-		start_poller(vq->c);
+		start_poller(vq->lane);
 }
 
 static void vq_stop_kick(struct vub_vq *vq);
@@ -760,7 +797,7 @@ static void kick_event(void *opaque, int fd, int revents)
 		vq_fail(vq, "the kick fd hung up or failed");
 		return;
 	}
-	vq->c->e->kicks++;
+	COUNT(vq->c->e->kicks);
 	process_vq(vq);
 }
 
@@ -769,11 +806,12 @@ static void kick_event(void *opaque, int fd, int revents)
  * rings every loop iteration with kicks suppressed; after poll-us without a
  * new request, turn kicks back on and sleep.
  */
-static void set_no_notify(struct vub_conn *c, bool on)
+static void set_no_notify(struct vub_lane *lane, bool on)
 {
-	for (unsigned i = 0; i < c->e->num_queues; i++) {
-		struct vub_vq *vq = &c->vqs[i];
+	struct vub_conn *c = &lane->e->conn;
+	struct vub_vq *vq;
 
+	LANE_FOR_EACH_VQ(c, lane, vq) {
 		if (!vq->started || !vq->desc || vq->broken)
 			continue;
 		if (c->event_idx) {
@@ -795,15 +833,17 @@ static bool control_pending(struct vub_conn *c)
 
 static void poller_co(void *opaque)
 {
-	struct vub_conn *c = opaque;
+	struct vub_lane *lane = opaque;
+	struct vub_conn *c = &lane->e->conn;
 	uint64_t idle_since = vdd_now_ns(), spins = 0;
+	struct vub_vq *vq;
 
-	set_no_notify(c, true);
-	while (c->active && !c->closing && !c->paused && !c->e->shutdown) {
+	set_no_notify(lane, true);
+	while (!conn_closing(c) && !lane->paused) {
 		bool any = false;
 
-		for (unsigned i = 0; i < c->e->num_queues; i++)
-			any |= take_requests(&c->vqs[i]);
+		LANE_FOR_EACH_VQ(c, lane, vq)
+			any |= take_requests(vq);
 		if (any)
 			idle_since = vdd_now_ns();
 		else if (vdd_now_ns() - idle_since > (uint64_t)c->e->poll_us * 1000)
@@ -813,25 +853,25 @@ static void poller_co(void *opaque)
 		vd_loop_schedule(vd_loop_get(), vd_co_self());
 		vd_co_yield();
 	}
-	c->poller_running = false;
-	if (c->active && !c->closing) {
-		set_no_notify(c, false);
-		for (unsigned i = 0; i < c->e->num_queues; i++)
-			drain_and_rearm(&c->vqs[i]); /* what arrived while kicks were off (nothing when paused) */
+	lane->poller_running = false;
+	if (!conn_closing(c)) {
+		set_no_notify(lane, false);
+		LANE_FOR_EACH_VQ(c, lane, vq)
+			drain_and_rearm(vq); /* what arrived while kicks were off (nothing when paused) */
 	}
-	vd_co_queue_wake_all(&c->drained);
+	vd_co_queue_wake_all(&lane->drained);
 }
 
-static void start_poller(struct vub_conn *c)
+static void start_poller(struct vub_lane *lane)
 {
 	struct vd_co *co;
 
-	if (c->poller_running || c->closing)
+	if (lane->poller_running || conn_closing(&lane->e->conn))
 		return;
-	co = vd_co_create(poller_co, c);
+	co = vd_co_create(poller_co, lane);
 	if (!co)
 		return;
-	c->poller_running = true;
+	lane->poller_running = true;
 	vd_loop_schedule(vd_loop_get(), co);
 }
 
@@ -974,8 +1014,8 @@ static int track_recover(struct vub_vq *vq, struct vhu_inflight_split *t, uint16
 		}
 		list[n].head = (uint16_t)h;
 		list[n].counter = __atomic_load_n(&t->desc[h].counter, __ATOMIC_RELAXED);
-		if (list[n].counter >= c->ifl_counter)
-			c->ifl_counter = list[n].counter + 1;
+		if (list[n].counter >= vq->ifl_counter)
+			vq->ifl_counter = list[n].counter + 1;
 		n++;
 	}
 	qsort(list, n, sizeof(*list), by_counter);
@@ -1087,7 +1127,7 @@ static ssize_t recv_some(struct vub_conn *c, void *buf, size_t len, struct vub_m
 				     .msg_controllen = sizeof(u.buf) };
 		ssize_t n;
 
-		if (c->closing || c->e->shutdown)
+		if (conn_closing(c))
 			return -ECANCELED;
 		n = recvmsg(c->fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
 		if (n < 0 && errno == EINTR)
@@ -1161,7 +1201,7 @@ static int send_all(struct vub_conn *c, const void *buf, size_t len)
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-			if (c->closing || c->e->shutdown)
+			if (conn_closing(c))
 				return -ECANCELED;
 			vdd_cofd_wait(&c->cofd, POLLOUT);
 			continue;
@@ -1216,7 +1256,7 @@ static int send_reply_fd(struct vub_conn *c, const struct vub_msg *req, const vo
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-			if (c->closing || c->e->shutdown)
+			if (conn_closing(c))
 				return -ECANCELED;
 			vdd_cofd_wait(&c->cofd, POLLOUT);
 			continue;
@@ -1257,21 +1297,94 @@ static struct vub_vq *msg_vq(struct vub_conn *c, uint32_t index, const char **wh
 	return &c->vqs[index];
 }
 
-/* Take no new requests and wait for those in flight (and the poller) to finish. */
-static void conn_pause(struct vub_conn *c)
+/* In the lane's thread: take no new requests and wait for those in flight (and the poller) to finish. */
+static void lane_pause(struct vub_lane *lane)
 {
-	c->paused = true;
-	while (c->inflight || c->poller_running)
-		vd_co_queue_wait(&c->drained, NULL);
+	lane->paused = true;
+	while (lane->inflight || lane->poller_running)
+		vd_co_queue_wait(&lane->drained, NULL);
 }
 
-/* Serve the rings again, including what was kicked while paused. */
-static void conn_resume(struct vub_conn *c)
+/* In the lane's thread: serve the rings again, including what was kicked while paused. */
+static void lane_resume(struct vub_lane *lane)
 {
-	c->paused = false;
-	for (unsigned i = 0; i < c->e->num_queues; i++)
-		if (vq_ready(&c->vqs[i]))
-			process_vq(&c->vqs[i]);
+	struct vub_conn *c = &lane->e->conn;
+	struct vub_vq *vq;
+
+	lane->paused = false;
+	LANE_FOR_EACH_VQ(c, lane, vq)
+		if (vq_ready(vq))
+			process_vq(vq);
+}
+
+static void lane_pause_fn(void *opaque)
+{
+	lane_pause(opaque);
+}
+
+/* From the control channel: pause every lane (each in its thread). */
+static void conn_pause(struct vub_conn *c)
+{
+	for (unsigned i = 0; i < c->e->nlanes; i++)
+		vdd_thread_call(c->e->lanes[i].thread, lane_pause_fn, &c->e->lanes[i]);
+}
+
+typedef int (*vub_handler)(struct vub_conn *c, struct vub_msg *m, const char **why);
+
+struct lane_msg {
+	struct vub_lane *lane;
+	struct vub_conn *c;
+	struct vub_msg *m;
+	const char **why;
+	vub_handler fn;
+	bool pause;
+	int ret;
+};
+
+static void lane_msg_fn(void *opaque)
+{
+	struct lane_msg *k = opaque;
+
+	if (k->pause)
+		lane_pause(k->lane);
+	k->ret = k->fn(k->c, k->m, k->why);
+	if (k->pause)
+		lane_resume(k->lane);
+}
+
+/*
+ * Run the handler of a message about one virtqueue in that virtqueue's lane
+ * (pausing the lane first: the message may change the ring or its request
+ * slots under requests in flight).  A message too short to name a valid
+ * queue is left to the handler here, which refuses it.
+ */
+static int on_lane(struct vub_conn *c, struct vub_msg *m, const char **why, vub_handler fn, bool pause)
+{
+	bool fd_msg = m->hdr.request == VHU_SET_VRING_KICK || m->hdr.request == VHU_SET_VRING_CALL ||
+		      m->hdr.request == VHU_SET_VRING_ERR;
+	uint32_t index = fd_msg ? (uint32_t)(m->p.u64 & VHU_VRING_IDX_MASK) : m->p.state.index;
+	struct lane_msg k = { .c = c, .m = m, .why = why, .fn = fn, .pause = pause };
+
+	if (m->hdr.size < sizeof(uint64_t) || index >= c->e->num_queues)
+		return fn(c, m, why);
+	k.lane = c->vqs[index].lane;
+	vdd_thread_call(k.lane->thread, lane_msg_fn, &k);
+	return k.ret;
+}
+
+/* In the lane's thread, after a new memory table: translate its rings again, start those now complete, resume. */
+static void lane_remap_fn(void *opaque)
+{
+	struct vub_lane *lane = opaque;
+	struct vub_conn *c = &lane->e->conn;
+	struct vub_vq *vq;
+
+	LANE_FOR_EACH_VQ(c, lane, vq)
+		if (vq->addr_set && !vq_translate(vq))
+			vq_fail(vq, "rings outside the new memory table");
+	lane_resume(lane);
+	LANE_FOR_EACH_VQ(c, lane, vq)
+		vq_maybe_start(vq);
 }
 
 static int h_set_mem_table(struct vub_conn *c, struct vub_msg *m, const char **why)
@@ -1331,15 +1444,8 @@ static int h_set_mem_table(struct vub_conn *c, struct vub_msg *m, const char **w
 	unmap_regions(c);
 	memcpy(c->regions, nr, sizeof(nr[0]) * t->nregions);
 	c->nregions = (int)t->nregions;
-	for (unsigned i = 0; i < c->e->num_queues; i++) {
-		struct vub_vq *vq = &c->vqs[i];
-
-		if (vq->addr_set && !vq_translate(vq))
-			vq_fail(vq, "rings outside the new memory table");
-	}
-	conn_resume(c);
-	for (unsigned i = 0; i < c->e->num_queues; i++)
-		vq_maybe_start(&c->vqs[i]);
+	for (unsigned i = 0; i < c->e->nlanes; i++)
+		vdd_thread_call(c->e->lanes[i].thread, lane_remap_fn, &c->e->lanes[i]);
 	return 0;
 }
 
@@ -1401,9 +1507,9 @@ static int h_vring_base(struct vub_conn *c, struct vub_msg *m, const char **why)
 	return 0;
 }
 
-static int h_get_vring_base(struct vub_conn *c, struct vub_msg *m, const char **why)
+/* GET_VRING_BASE, in the ring's lane: stop it; the answer replaces the request's payload. */
+static int h_stop_vring(struct vub_conn *c, struct vub_msg *m, const char **why)
 {
-	struct vhu_vring_state st;
 	struct vub_vq *vq;
 
 	if (need_payload(m, sizeof(m->p.state), why) < 0 || !(vq = msg_vq(c, m->p.state.index, why)))
@@ -1411,12 +1517,21 @@ static int h_get_vring_base(struct vub_conn *c, struct vub_msg *m, const char **
 	vq_stop_kick(vq);
 	/* The front end owns the ring again once we answer: finish what we took from it first. */
 	vq_wait_idle(vq);
-	st.index = vq->idx;
-	st.num = vq->last_avail;
+	m->p.state.index = vq->idx;
+	m->p.state.num = vq->last_avail;
 	close_fd(&vq->call_fd);
 	vq->broken = false;
 	vq->enabled = false;
-	return send_reply(c, m, &st, sizeof(st)) < 0 ? -EIO : 0;
+	return 0;
+}
+
+static int h_get_vring_base(struct vub_conn *c, struct vub_msg *m, const char **why)
+{
+	int ret = on_lane(c, m, why, h_stop_vring, false);
+
+	if (ret)
+		return ret;
+	return send_reply(c, m, &m->p.state, sizeof(m->p.state)) < 0 ? -EIO : 0;
 }
 
 /* SET_VRING_KICK / CALL / ERR: u64 = index | NOFD flag, and one fd unless NOFD. */
@@ -1610,7 +1725,7 @@ static int h_set_inflight_fd(struct vub_conn *c, struct vub_msg *m, const char *
 		return -EPROTO;
 	}
 	for (unsigned i = 0; i < c->e->num_queues; i++) {
-		if (c->vqs[i].started) {
+		if (__atomic_load_n(&c->vqs[i].started, __ATOMIC_RELAXED)) {
 			vdd_log("vhost-user-blk export '%s': SET_INFLIGHT_FD while virtqueue %u runs: refused",
 				c->e->exp->id, i);
 			return MSG_FAILED;
@@ -1735,19 +1850,19 @@ static int handle(struct vub_conn *c, struct vub_msg *m, bool *replied, const ch
 		 * These may change the ring size, the ring pointers or the request slots (a new kick fd restarts
 		 * the ring) under requests in flight, which still complete into the used ring: let them finish.
 		 */
-		conn_pause(c);
-		ret = m->hdr.request == VHU_SET_VRING_NUM    ? h_vring_num(c, m, why)
-		      : m->hdr.request == VHU_SET_VRING_ADDR ? h_vring_addr(c, m, why)
-		      : m->hdr.request == VHU_SET_VRING_BASE ? h_vring_base(c, m, why)
-							     : h_vring_fd(c, m, why);
-		conn_resume(c);
+		ret = on_lane(c, m, why,
+			      m->hdr.request == VHU_SET_VRING_NUM    ? h_vring_num
+			      : m->hdr.request == VHU_SET_VRING_ADDR ? h_vring_addr
+			      : m->hdr.request == VHU_SET_VRING_BASE ? h_vring_base
+								     : h_vring_fd,
+			      true);
 		return ret;
 	}
 	case VHU_SET_VRING_CALL:
 	case VHU_SET_VRING_ERR:
-		return h_vring_fd(c, m, why);
+		return on_lane(c, m, why, h_vring_fd, false);
 	case VHU_SET_VRING_ENABLE:
-		return h_vring_enable(c, m, why);
+		return on_lane(c, m, why, h_vring_enable, false);
 	case VHU_SET_CONFIG:
 		return MSG_FAILED; /* nothing in our config space is writable (no CONFIG_WCE) */
 	case VHU_SET_INFLIGHT_FD:
@@ -1763,15 +1878,25 @@ static int handle(struct vub_conn *c, struct vub_msg *m, bool *replied, const ch
 
 /* ---- connections ----------------------------------------------------------------------------------------------- */
 
+static void lane_reset_fn(void *opaque)
+{
+	struct vub_lane *lane = opaque;
+	struct vub_conn *c = &lane->e->conn;
+	struct vub_vq *vq;
+
+	LANE_FOR_EACH_VQ(c, lane, vq)
+		vq_stop_kick(vq);
+	lane_pause(lane);
+	LANE_FOR_EACH_VQ(c, lane, vq)
+		vq_reset(vq);
+	lane->paused = false;
+}
+
 /* Stop every ring and wait for the requests in flight (RESET_OWNER, disconnect). */
 static void conn_reset_rings(struct vub_conn *c)
 {
-	for (unsigned i = 0; i < c->e->num_queues; i++)
-		vq_stop_kick(&c->vqs[i]);
-	conn_pause(c);
-	for (unsigned i = 0; i < c->e->num_queues; i++)
-		vq_reset(&c->vqs[i]);
-	c->paused = false;
+	for (unsigned i = 0; i < c->e->nlanes; i++)
+		vdd_thread_call(c->e->lanes[i].thread, lane_reset_fn, &c->e->lanes[i]);
 }
 
 static void listen_again(struct vub_export *e);
@@ -1815,7 +1940,7 @@ static void conn_co(void *opaque)
 		vdd_log("vhost-user-blk export '%s': front end %" PRIu64 ": %s (request %u %s): resetting the device",
 			exp->id, c->id, why, m ? m->hdr.request : 0, m ? request_name(m->hdr.request) : "");
 	free(m);
-	c->closing = true;
+	conn_set_closing(c);
 	conn_reset_rings(c);
 	for (unsigned i = 0; i < e->num_queues; i++)
 		vq_free_reqs(&c->vqs[i]);
@@ -1840,11 +1965,11 @@ static void conn_init(struct vub_conn *c, struct vub_export *e, int fd)
 	c->active = true;
 	c->id = ++e->next_id;
 	c->ifl_guard = -1;
-	vd_co_queue_init(&c->drained);
 	for (unsigned i = 0; i < VUB_MAX_QUEUES; i++) {
 		struct vub_vq *vq = &c->vqs[i];
 
 		vq->c = c;
+		vq->lane = &e->lanes[i % e->nlanes];
 		vq->idx = i;
 		vq->kick_fd = vq->call_fd = vq->err_fd = -1;
 		vd_co_queue_init(&vq->drained);
@@ -1862,12 +1987,12 @@ static void fault_event(void *opaque, int fd, int revents)
 
 	(void)r;
 	(void)revents;
-	if (!c->active || c->closing || !memory_faulted(c))
+	if (!c->active || conn_closing(c) || !memory_faulted(c))
 		return;
 	vdd_log("vhost-user-blk export '%s': front end %" PRIu64 ": its shared memory shrank under us (SIGBUS, "
 		"survived): resetting the device", e->exp->id, c->id);
-	e->bad_requests++;
-	c->closing = true;
+	COUNT(e->bad_requests);
+	conn_set_closing(c);
 	vdd_cofd_wake(&c->cofd);
 }
 
@@ -1956,11 +2081,19 @@ static int vub_create(struct vd_export *exp, json_t *opts, char **errp)
 	e->poll_us = (unsigned)poll_us;
 	e->path = strdup(path);
 	e->serial = strdup(serial);
-	if (!e->path || !e->serial) {
+	e->nlanes = (unsigned)exp->n_threads;
+	e->lanes = calloc(e->nlanes, sizeof(*e->lanes));
+	if (!e->path || !e->serial || !e->lanes) {
 		free(e->path);
 		free(e->serial);
+		free(e->lanes);
 		e->path = e->serial = NULL;
+		e->lanes = NULL;
 		return vdd_error(errp, "out of memory");
+	}
+	for (unsigned i = 0; i < e->nlanes; i++) {
+		e->lanes[i] = (struct vub_lane){ .e = e, .thread = exp->threads[i], .idx = i };
+		vd_co_queue_init(&e->lanes[i].drained);
 	}
 	(void)err;
 	return 0;
@@ -2036,7 +2169,7 @@ static void vub_shutdown(struct vd_export *exp)
 {
 	struct vub_export *e = exp->opaque;
 
-	e->shutdown = true;
+	__atomic_store_n(&e->shutdown, true, __ATOMIC_RELAXED);
 	if (e->listen_fd >= 0) {
 		vd_loop_del_fd_handler(vd_loop_get(), e->listen_fd);
 		close(e->listen_fd);
@@ -2046,7 +2179,7 @@ static void vub_shutdown(struct vd_export *exp)
 	if (e->fault_fd >= 0)
 		vd_loop_del_fd_handler(vd_loop_get(), e->fault_fd);
 	if (e->conn.active) {
-		e->conn.closing = true;
+		conn_set_closing(&e->conn);
 		vdd_cofd_wake(&e->conn.cofd);
 	}
 	/* The export is destroyed once the connection dropped its reference. */
@@ -2058,6 +2191,7 @@ static void vub_destroy(struct vd_export *exp)
 
 	free(e->path);
 	free(e->serial);
+	free(e->lanes);
 	if (e->fault_fd >= 0)
 		close(e->fault_fd); /* the connection, which guarded memory with it, is gone */
 }
@@ -2078,9 +2212,9 @@ static void vub_query_stats(struct vd_export *exp, json_t *stats)
 	struct vub_export *e = exp->opaque;
 
 	json_object_set_new(stats, "vhost-user-blk",
-			    json_pack("{s:I, s:I, s:I, s:I, s:I}", "requests", (json_int_t)e->reqs_total, "bad-requests",
-				      (json_int_t)e->bad_requests, "kicks", (json_int_t)e->kicks, "calls",
-				      (json_int_t)e->calls, "resubmitted", (json_int_t)e->resubmitted));
+			    json_pack("{s:I, s:I, s:I, s:I, s:I}", "requests", (json_int_t)LOAD(e->reqs_total),
+				      "bad-requests", (json_int_t)LOAD(e->bad_requests), "kicks", (json_int_t)LOAD(e->kicks),
+				      "calls", (json_int_t)LOAD(e->calls), "resubmitted", (json_int_t)LOAD(e->resubmitted)));
 }
 
 const struct vd_export_type vd_export_type_vhost_user_blk = {
@@ -2093,4 +2227,5 @@ const struct vd_export_type vd_export_type_vhost_user_blk = {
 	.destroy = vub_destroy,
 	.query = vub_query,
 	.query_stats = vub_query_stats,
+	.multi_thread = true,
 };
