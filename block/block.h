@@ -266,9 +266,17 @@ struct vd_tracked {
 	struct vd_tracked *next, **pprev;
 	uint64_t off, end; /* [off, end) */
 	bool serialising;
+	struct vd_co *owner; /* nested requests of one coroutine never wait for each other */
 	struct vd_co_queue waiters; /* younger requests waiting for this one */
 };
-/* Track [off, off+len) and wait for the older overlapping requests it conflicts with. */
+/*
+ * Track [off, off+len) and wait for the older overlapping requests it
+ * conflicts with (not those of the calling coroutine: a job holding a
+ * serialising range may issue requests inside it).  Nodes with a backing
+ * child track every request (non-serialising, nearly free while nothing
+ * serialises) so a job can exclude them from a range (stream) or from the
+ * whole node while it changes the backing chain.
+ */
 void vd_bnode_track_begin(struct vd_bnode *bs, struct vd_tracked *t, uint64_t off, uint64_t len, bool serialising);
 void vd_bnode_track_end(struct vd_bnode *bs, struct vd_tracked *t);
 /* Is the calling thread bs's home (or may bs's requests run in any thread)? */
@@ -342,6 +350,27 @@ int vd_bnode_co_is_allocated_above(struct vd_bnode *top, struct vd_bnode *base, 
 				   uint64_t *pnum);
 /* The format's co_truncate sets bs->size (it may round up when !exact). */
 int vd_bnode_co_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const char *prealloc);
+
+/* ---- streaming (block-stream): copy a backing chain's data into the top ------ */
+
+/*
+ * One step of streaming [off, off+max) of top from its backing chain above
+ * base (NULL: the whole chain): the first run of bytes with one answer is
+ * either skipped (top has it, or only base and below have it) or read
+ * through top and written into top (zero runs as write-zeroes), all
+ * serialised against the guest's requests on that run.  *pnum: bytes done
+ * (> 0); *copied: whether they were written.  buf holds at least max bytes.
+ */
+int vd_bnode_co_stream_step(struct vd_bnode *top, struct vd_bnode *base, uint64_t off, uint64_t max, void *buf,
+			    uint64_t *pnum, bool *copied);
+/*
+ * Finish a stream: with no request on top in flight, flush what was copied,
+ * record backing_file/backing_fmt ("" / NULL: none) in top's header, flush
+ * again and make base (NULL: none) top's backing node, dropping the nodes in
+ * between.  On error nothing changes in the graph.
+ */
+int vd_bnode_co_stream_finish(struct vd_bnode *top, struct vd_bnode *base, const char *backing_file,
+			      const char *backing_fmt);
 
 /* ---- I/O: synchronous wrappers (from plain threads; run the loop) -------- */
 

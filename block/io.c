@@ -334,6 +334,19 @@ static int write_misaligned(struct vd_bnode *bs, uint64_t off, uint64_t len, con
 }
 
 /*
+ * Nodes with a backing child track every request (see vd_bnode_track_begin):
+ * a stream job excludes them from the range it copies and, to change the
+ * chain, from the whole node.  Aligning nodes track writes anyway.
+ */
+static bool guard_begin(struct vd_bnode *bs, struct vd_tracked *t, uint64_t off, uint64_t len)
+{
+	if (!bs->backing || bs->request_alignment > 1)
+		return false;
+	vd_bnode_track_begin(bs, t, off, len, false);
+	return true;
+}
+
+/*
  * Run a modifying request under tracking (only nodes that align need it):
  * misaligned requests serialise against overlapping ones, aligned ones wait
  * only for overlapping misaligned ones.  Ranges are widened to whole blocks,
@@ -348,8 +361,14 @@ static int tracked_write(struct vd_bnode *bs, uint64_t off, uint64_t len, const 
 	bool misaligned;
 	int ret;
 
-	if (align <= 1)
-		return write_mid(bs, off, len, src, flags);
+	if (align <= 1) {
+		bool guarded = guard_begin(bs, &t, off, len);
+
+		ret = write_mid(bs, off, len, src, flags);
+		if (guarded)
+			vd_bnode_track_end(bs, &t);
+		return ret;
+	}
 	misaligned = !is_aligned(bs, off, len);
 	t_off = vd_align_down(off, align);
 	t_end = vd_align_up(off + len, align);
@@ -389,6 +408,8 @@ int vd_bnode_co_preadv(struct vd_bnode *bs, uint64_t off, uint64_t len, struct v
 		       int flags)
 {
 	int ret = route(bs);
+	struct vd_tracked t;
+	bool guarded;
 
 	if (ret > 0)
 		return forward(&(struct fwd){ .op = FWD_READ, .bs = bs, .off = off, .len = len, .qiov = qiov,
@@ -404,9 +425,14 @@ int vd_bnode_co_preadv(struct vd_bnode *bs, uint64_t off, uint64_t len, struct v
 		return ret;
 	STAT_ADD(bs->rd_ops, 1);
 	STAT_ADD(bs->rd_bytes, len);
+	guarded = guard_begin(bs, &t, off, len);
 	if (!is_aligned(bs, off, len))
-		return preadv_misaligned(bs, off, len, qiov, qiov_off, flags);
-	return rw_chunks(bs, bs->fmt->co_preadv, off, len, qiov, qiov_off, flags);
+		ret = preadv_misaligned(bs, off, len, qiov, qiov_off, flags);
+	else
+		ret = rw_chunks(bs, bs->fmt->co_preadv, off, len, qiov, qiov_off, flags);
+	if (guarded)
+		vd_bnode_track_end(bs, &t);
+	return ret;
 }
 
 int vd_bnode_co_pwritev(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off,
@@ -627,11 +653,33 @@ static int add_allocation(struct vd_bnode *bs, uint64_t off, int ret)
 	return ret;
 }
 
+/* The format's answer, checked, with VD_BS_RECURSE resolved. */
+static int format_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, uint64_t *n, uint64_t *map,
+			       struct vd_bnode **file)
+{
+	int ret;
+
+	if (bs->fmt->co_block_status)
+		ret = bs->fmt->co_block_status(bs, off, len, n, map, file);
+	else
+		ret = default_block_status(bs, off, len, n, map, file);
+	if (ret < 0)
+		return ret;
+	if (*n == 0 || *n > len)
+		return vd_error(EIO, "node '%s': format '%s' answered block status for %" PRIu64 " of %" PRIu64 " bytes",
+				vd_bnode_name(bs), bs->fmt->name, *n, len);
+	if ((ret & VD_BS_RECURSE) && (ret & VD_BS_OFFSET_VALID) && *file)
+		ret = recurse_status(ret, n, map, file);
+	return ret;
+}
+
 int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, uint64_t *pnum, uint64_t *map,
 			     struct vd_bnode **file)
 {
 	uint64_t local_map = 0, n = 0;
 	struct vd_bnode *local_file = NULL;
+	struct vd_tracked t;
+	bool guarded;
 	int ret = route(bs);
 
 	if (ret > 0)
@@ -646,20 +694,12 @@ int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, ui
 		len = bs->size - off;
 	if (len == 0)
 		return 0;
-	if (bs->fmt->co_block_status)
-		ret = bs->fmt->co_block_status(bs, off, len, &n, &local_map, &local_file);
-	else
-		ret = default_block_status(bs, off, len, &n, &local_map, &local_file);
+	guarded = guard_begin(bs, &t, off, len);
+	ret = format_block_status(bs, off, len, &n, &local_map, &local_file);
+	if (guarded)
+		vd_bnode_track_end(bs, &t);
 	if (ret < 0)
 		return ret;
-	if (n == 0 || n > len)
-		return vd_error(EIO, "node '%s': format '%s' answered block status for %" PRIu64 " of %" PRIu64 " bytes",
-				vd_bnode_name(bs), bs->fmt->name, n, len);
-	if ((ret & VD_BS_RECURSE) && (ret & VD_BS_OFFSET_VALID) && local_file) {
-		ret = recurse_status(ret, &n, &local_map, &local_file);
-		if (ret < 0)
-			return ret;
-	}
 	ret = add_allocation(bs, off, ret & ~VD_BS_RECURSE);
 	if (off + n == bs->size)
 		ret |= VD_BS_EOF;

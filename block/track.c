@@ -21,7 +21,7 @@
 
 static bool conflicts(const struct vd_tracked *a, const struct vd_tracked *b)
 {
-	return (a->serialising || b->serialising) && a->off < b->end && b->off < a->end;
+	return (a->serialising || b->serialising) && a->off < b->end && b->off < a->end && a->owner != b->owner;
 }
 
 /* The oldest-first search is not needed: any older conflicting one will do. */
@@ -40,6 +40,7 @@ void vd_bnode_track_begin(struct vd_bnode *bs, struct vd_tracked *t, uint64_t of
 	t->off = off;
 	t->end = off + len;
 	t->serialising = serialising;
+	t->owner = vd_co_self();
 	vd_co_queue_init(&t->waiters);
 	pthread_mutex_lock(&bs->track_lock);
 	t->next = bs->tracked;

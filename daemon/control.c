@@ -348,6 +348,68 @@ static json_t *cmd_quit(json_t *args, char **errp)
 
 static json_t *cmd_query_commands(json_t *args, char **errp);
 
+static json_t *cmd_block_stream(json_t *args, char **errp)
+{
+	return ok(vdd_job_stream(args, errp));
+}
+
+static json_t *cmd_job_cancel(json_t *args, char **errp)
+{
+	return ok(vdd_job_cancel(args, "id", errp));
+}
+
+static json_t *cmd_block_job_cancel(json_t *args, char **errp)
+{
+	return ok(vdd_job_cancel(args, "device", errp));
+}
+
+static json_t *cmd_job_pause(json_t *args, char **errp)
+{
+	return ok(vdd_job_pause(args, "id", true, errp));
+}
+
+static json_t *cmd_job_resume(json_t *args, char **errp)
+{
+	return ok(vdd_job_pause(args, "id", false, errp));
+}
+
+static json_t *cmd_block_job_pause(json_t *args, char **errp)
+{
+	return ok(vdd_job_pause(args, "device", true, errp));
+}
+
+static json_t *cmd_block_job_resume(json_t *args, char **errp)
+{
+	return ok(vdd_job_pause(args, "device", false, errp));
+}
+
+static json_t *cmd_job_finalize(json_t *args, char **errp)
+{
+	return ok(vdd_job_finalize(args, errp));
+}
+
+static json_t *cmd_job_dismiss(json_t *args, char **errp)
+{
+	return ok(vdd_job_dismiss(args, errp));
+}
+
+static json_t *cmd_block_job_set_speed(json_t *args, char **errp)
+{
+	return ok(vdd_job_set_speed(args, errp));
+}
+
+static const char *const no_args[] = { NULL };
+
+static json_t *cmd_query_jobs(json_t *args, char **errp)
+{
+	return vdd_args_check(args, no_args, "query-jobs", errp) < 0 ? NULL : vdd_query_jobs(false);
+}
+
+static json_t *cmd_query_block_jobs(json_t *args, char **errp)
+{
+	return vdd_args_check(args, no_args, "query-block-jobs", errp) < 0 ? NULL : vdd_query_jobs(true);
+}
+
 static const struct command {
 	const char *name;
 	cmd_fn fn;
@@ -368,6 +430,18 @@ static const struct command {
 	{ "query-nbd-server", cmd_query_nbd_server },
 	{ "object-add", cmd_object_add },
 	{ "query-objects", cmd_query_objects },
+	{ "block-stream", cmd_block_stream },
+	{ "query-jobs", cmd_query_jobs },
+	{ "query-block-jobs", cmd_query_block_jobs },
+	{ "job-cancel", cmd_job_cancel },
+	{ "job-pause", cmd_job_pause },
+	{ "job-resume", cmd_job_resume },
+	{ "job-finalize", cmd_job_finalize },
+	{ "job-dismiss", cmd_job_dismiss },
+	{ "block-job-cancel", cmd_block_job_cancel },
+	{ "block-job-pause", cmd_block_job_pause },
+	{ "block-job-resume", cmd_block_job_resume },
+	{ "block-job-set-speed", cmd_block_job_set_speed },
 	{ "quit", cmd_quit },
 };
 

@@ -147,6 +147,7 @@ struct vdd_node {
 	int n_refs;
 	int parents;             /* table nodes referencing this one */
 	int exports;             /* exports serving it */
+	int jobs;                /* block jobs running on it (jobs.c) */
 	struct vd_io_stats *iostats; /* request statistics of its exports (home thread) */
 	int pins;                /* queries in progress (close waits) */
 	bool ready;              /* false while opening */
@@ -166,6 +167,22 @@ void vdd_node_ref_set_table(struct vdd_node **nodes, int n);
 struct vd_bnode *vdd_bnode_unwrap(struct vd_bnode *bs);
 
 struct vdd_node *vdd_node_find(const char *name);
+/* The table node whose graph top is bs (NULL if none). */
+struct vdd_node *vdd_node_find_by_bs(const struct vd_bnode *bs);
+
+/* ---- block jobs (jobs.c) ------------------------------------------------------------------ */
+
+int vdd_job_stream(json_t *args, char **errp);
+/* key: "id" (job-*) or "device" (block-job-*). */
+int vdd_job_cancel(json_t *args, const char *key, char **errp);
+int vdd_job_pause(json_t *args, const char *key, bool pause, char **errp);
+int vdd_job_finalize(json_t *args, char **errp);
+int vdd_job_dismiss(json_t *args, char **errp);
+int vdd_job_set_speed(json_t *args, char **errp);
+/* query-jobs, or query-block-jobs' shape when block_style. */
+json_t *vdd_query_jobs(bool block_style);
+/* Shutdown: cancel every job and wait until all have stopped. */
+void vdd_jobs_cancel_all(void);
 /* blockdev-add: coroutine in the main thread.  iothread: vdiskd extension (NULL: from references, else main). */
 int vdd_node_add(json_t *opts, char **errp);
 int vdd_node_del(const char *name, char **errp);

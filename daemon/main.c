@@ -446,6 +446,7 @@ static void shutdown_co(void *opaque)
 	vdd_control_refuse_commands();
 	if (vdd_nbd_server_running())
 		vdd_nbd_server_stop(NULL);
+	vdd_jobs_cancel_all();
 	vdd_exports_del_all();
 	vdd_nodes_close_all();
 	vdd_control_close_all();

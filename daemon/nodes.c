@@ -27,6 +27,14 @@ struct vdd_node *vdd_node_find(const char *name)
 	return NULL;
 }
 
+struct vdd_node *vdd_node_find_by_bs(const struct vd_bnode *bs)
+{
+	for (struct vdd_node *n = nodes; n; n = n->next)
+		if (n->bs == bs)
+			return n;
+	return NULL;
+}
+
 /* QEMU's rule: a letter, then up to 31 letters, digits, '-', '.', '_'. */
 static bool valid_node_name(const char *s)
 {
@@ -354,8 +362,8 @@ int vdd_node_move(struct vdd_node *top, struct vdd_thread *to, char **errp)
 	for (int i = 0; i < set.n; i++) {
 		struct vdd_node *n = set.v[i];
 
-		if (!n->ready || n->closing || n->pins) {
-			vdd_error(errp, "node '%s' is busy", n->name);
+		if (!n->ready || n->closing || n->pins || n->jobs) {
+			vdd_error(errp, "node '%s' is busy%s", n->name, n->jobs ? " (a block job runs on it)" : "");
 			goto out;
 		}
 		if (n->exports) {
@@ -446,6 +454,8 @@ int vdd_node_del(const char *name, char **errp)
 		return vdd_error(errp, "Failed to find node with node-name='%s'", name);
 	if (!n->ready || n->closing)
 		return vdd_error(errp, "node '%s' is being opened or closed", name);
+	if (n->jobs)
+		return vdd_error(errp, "Node '%s' is busy: a block job is running on it (job-cancel it first)", name);
 	if (n->exports)
 		return vdd_error(errp, "Node '%s' is in use by %d export%s (remove %s with block-export-del first)", name,
 				 n->exports, n->exports == 1 ? "" : "s", n->exports == 1 ? "it" : "them");
