@@ -348,6 +348,29 @@ static json_t *cmd_quit(json_t *args, char **errp)
 
 static json_t *cmd_query_commands(json_t *args, char **errp);
 
+/* QEMU's block_resize: the node by device= or node-name=. */
+static json_t *cmd_block_resize(json_t *args, char **errp)
+{
+	static const char *const known[] = { "device", "node-name", "size", NULL };
+	const char *device, *node;
+	uint64_t size;
+
+	if (vdd_args_check(args, known, "block_resize", errp) < 0 ||
+	    vdd_arg_str(args, "device", false, NULL, &device, errp) < 0 ||
+	    vdd_arg_str(args, "node-name", false, NULL, &node, errp) < 0 ||
+	    vdd_arg_u64(args, "size", 0, &size, errp) < 0)
+		return NULL;
+	if (!json_object_get(args, "size")) {
+		vdd_error(errp, "Parameter 'size' is missing");
+		return NULL;
+	}
+	if (!device == !node) {
+		vdd_error(errp, "block_resize: give exactly one of 'device' and 'node-name'");
+		return NULL;
+	}
+	return ok(vdd_node_resize(node ? node : device, size, errp));
+}
+
 static json_t *cmd_block_stream(json_t *args, char **errp)
 {
 	return ok(vdd_job_stream(args, errp));
@@ -430,6 +453,7 @@ static const struct command {
 	{ "query-nbd-server", cmd_query_nbd_server },
 	{ "object-add", cmd_object_add },
 	{ "query-objects", cmd_query_objects },
+	{ "block_resize", cmd_block_resize },
 	{ "block-stream", cmd_block_stream },
 	{ "query-jobs", cmd_query_jobs },
 	{ "query-block-jobs", cmd_query_block_jobs },

@@ -167,6 +167,8 @@ void vdd_node_ref_set_table(struct vdd_node **nodes, int n);
 struct vd_bnode *vdd_bnode_unwrap(struct vd_bnode *bs);
 
 struct vdd_node *vdd_node_find(const char *name);
+/* block_resize: grow or shrink a node (its exports learn the new size). */
+int vdd_node_resize(const char *name, uint64_t size, char **errp);
 /* The table node whose graph top is bs (NULL if none). */
 struct vdd_node *vdd_node_find_by_bs(const struct vd_bnode *bs);
 
@@ -204,6 +206,8 @@ json_t *vdd_query_block_exports(void);
 json_t *vdd_query_export_stats(void);
 /* Shut every export down and wait for their clients to go (shutdown). */
 void vdd_exports_del_all(void);
+/* Tell the exports of node `name` its new size. */
+void vdd_exports_node_resized(const char *name, uint64_t size);
 /* Number of exports running in thread t (query-iothreads). */
 json_t *vdd_exports_in_thread(const struct vdd_thread *t);
 json_t *vdd_nodes_in_thread(const struct vdd_thread *t);

@@ -496,6 +496,13 @@ int vdd_export_del(const char *id, bool hard, char **errp)
 	return 0;
 }
 
+void vdd_exports_node_resized(const char *name, uint64_t size)
+{
+	for (struct vd_export *e = exports; e; e = e->next)
+		if (!strcmp(e->node_name, name) && e->type->resize)
+			e->type->resize(e, size);
+}
+
 void vdd_exports_del_all(void)
 {
 	while (exports) {

@@ -10,6 +10,7 @@
  * vdiskd-specific "iothread" option, or the main thread.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -468,6 +469,46 @@ int vdd_node_del(const char *name, char **errp)
 		return vdd_error(errp, "Node '%s' is in use", name);
 	}
 	close_node(n);
+	return 0;
+}
+
+struct resize_ctx {
+	struct vdd_node *n;
+	uint64_t size;
+	int ret;
+	char msg[512];
+};
+
+static void resize_fn(void *arg)
+{
+	struct resize_ctx *c = arg;
+	struct vd_bnode *bs = c->n->bs;
+
+	c->ret = bs->read_only ? vd_error(EACCES, "node is read-only")
+			       : vd_bnode_co_truncate(bs, c->size, true, "off");
+	if (c->ret < 0)
+		snprintf(c->msg, sizeof(c->msg), "%s", vdisk_get_error_msg());
+	c->size = bs->size; /* a format may round up */
+}
+
+int vdd_node_resize(const char *name, uint64_t size, char **errp)
+{
+	struct vdd_node *n = vdd_node_find(name);
+	struct resize_ctx c = { .n = n, .size = size };
+
+	if (!n)
+		return vdd_error(errp, "Cannot find device='%s' nor node-name='%s'", name, name);
+	if (!n->ready || n->closing)
+		return vdd_error(errp, "node '%s' is being opened or closed", name);
+	if (n->jobs)
+		return vdd_error(errp, "Node '%s' is busy: a block job is running on it", name);
+	n->pins++; /* blockdev-del waits */
+	vdd_thread_call(n->home, resize_fn, &c);
+	n->pins--;
+	if (c.ret < 0)
+		return vdd_error(errp, "Cannot resize node '%s': %s", name, c.msg);
+	vdd_exports_node_resized(name, c.size);
+	vdd_log("node '%s' resized to %" PRIu64 " bytes", name, c.size);
 	return 0;
 }
 

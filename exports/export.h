@@ -82,6 +82,11 @@ struct vd_export_type {
 	/* Statistics beyond vd_io_stats (the export's thread). */
 	void (*query_stats)(struct vd_export *exp, json_t *stats);
 	/*
+	 * block_resize changed the node's size (main thread, any serving thread
+	 * may be reading the size: store it atomically).  Optional.
+	 */
+	void (*resize)(struct vd_export *exp, uint64_t size);
+	/*
 	 * Accepts a list of iothreads (exp->threads): the node stays in its
 	 * home and the type spreads its work over the threads (requests reach
 	 * the node from there: see "Threads" in block/block.h).

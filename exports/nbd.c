@@ -242,8 +242,9 @@ struct nbd_export {
 	char *name;
 	char *description;
 	unsigned max_inflight;
-	/* Set at start in the export's thread, read-only afterwards. */
+	/* Set at start in the export's thread; changed only by block_resize (atomic: export_size()). */
 	uint64_t size;
+	/* Set at start in the export's thread, read-only afterwards. */
 	uint16_t tflags;
 	/* One per exp->threads[i]; the array is fixed at create. */
 	struct nbd_lane *lanes;
@@ -252,6 +253,23 @@ struct nbd_export {
 };
 
 static struct nbd_export *nbd_exports; /* main thread */
+
+/*
+ * The node's size: what new clients are told and what requests are checked
+ * against.  Clients already connected are not told of a block_resize (NBD
+ * has no way to); they keep using the size they were given.
+ */
+static uint64_t export_size(const struct nbd_export *e)
+{
+	return __atomic_load_n(&e->size, __ATOMIC_RELAXED);
+}
+
+static void nbd_resize(struct vd_export *exp, uint64_t size)
+{
+	struct nbd_export *e = exp->opaque;
+
+	__atomic_store_n(&e->size, size, __ATOMIC_RELAXED);
+}
 
 struct nbd_req {
 	struct nbd_conn *conn;
@@ -690,7 +708,7 @@ static enum hs_state opt_export_name(struct nbd_conn *c, struct option *o)
 			(const char *)o->data);
 		return HS_DEAD;
 	}
-	put64(buf, e->size);
+	put64(buf, export_size(e));
 	put16(buf + 8, transmission_flags(c, e));
 	if (write_buf(c, buf, c->no_zeroes ? 10 : sizeof(buf)) < 0)
 		return HS_DEAD;
@@ -805,7 +823,7 @@ static enum hs_state opt_info_go(struct nbd_conn *c, struct option *o)
 					  (int)(nlen > 256 ? 256 : nlen), name));
 
 	put16(info, NBD_INFO_EXPORT);
-	put64(info + 2, e->size);
+	put64(info + 2, export_size(e));
 	put16(info + 10, transmission_flags(c, e));
 	if (send_rep(c, o->opt, NBD_REP_INFO, info, 12) < 0)
 		return HS_DEAD;
@@ -1571,7 +1589,7 @@ static int validate(struct nbd_req *r, const char **msg)
 		*msg = "export is read-only";
 		return EPERM;
 	}
-	if (r->type != NBD_CMD_FLUSH && (r->offset > e->size || r->len > e->size - r->offset)) {
+	if (r->type != NBD_CMD_FLUSH && (r->offset > export_size(e) || r->len > export_size(e) - r->offset)) {
 		*msg = "request beyond the end of the export";
 		return r->type == NBD_CMD_WRITE || r->type == NBD_CMD_WRITE_ZEROES ? ENOSPC : EINVAL;
 	}
@@ -2064,7 +2082,7 @@ static void nbd_query(struct vd_export *exp, json_t *info)
 	if (e->description)
 		json_object_set_new(info, "description", json_string(e->description));
 	json_object_set_new(info, "max-inflight", json_integer(e->max_inflight));
-	json_object_set_new(info, "size", json_integer((json_int_t)e->size));
+	json_object_set_new(info, "size", json_integer((json_int_t)export_size(e)));
 }
 
 const struct vd_export_type vd_export_type_nbd = {
@@ -2076,6 +2094,7 @@ const struct vd_export_type vd_export_type_nbd = {
 	.shutdown = nbd_shutdown,
 	.destroy = nbd_destroy,
 	.query = nbd_query,
+	.resize = nbd_resize,
 	.multi_thread = true,
 };
 

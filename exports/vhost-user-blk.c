@@ -557,14 +557,33 @@ static enum vd_io_op io_op(uint32_t type)
 }
 
 /* Is [sector, +bytes) inside the disk and aligned to the logical block size? */
+/* block_resize may change it while lanes serve requests. */
+static uint64_t capacity(const struct vub_export *e)
+{
+	return __atomic_load_n(&e->capacity, __ATOMIC_RELAXED);
+}
+
 static bool range_ok(struct vub_export *e, uint64_t sector, uint64_t bytes)
 {
-	uint64_t off;
+	uint64_t off, cap = capacity(e);
 
-	if (sector > e->capacity / VIRTIO_BLK_SECTOR)
+	if (sector > cap / VIRTIO_BLK_SECTOR)
 		return false;
 	off = sector * VIRTIO_BLK_SECTOR;
-	return off % e->lbs == 0 && bytes % e->lbs == 0 && bytes <= e->capacity - off;
+	return off % e->lbs == 0 && bytes % e->lbs == 0 && bytes <= cap - off;
+}
+
+/*
+ * block_resize: the config space shows the new capacity from now on.  The
+ * front end is not notified (no back-end request channel): a guest sees
+ * the new size when it reads the config again (virtio-blk rescans on a
+ * config interrupt, so in practice after a reconnect or reboot).
+ */
+static void vub_resize(struct vd_export *exp, uint64_t size)
+{
+	struct vub_export *e = exp->opaque;
+
+	__atomic_store_n(&e->capacity, size / e->lbs * e->lbs, __ATOMIC_RELAXED);
 }
 
 static uint8_t do_dwz(struct vub_req *r, uint32_t type)
@@ -1622,6 +1641,7 @@ static int h_vring_enable(struct vub_conn *c, struct vub_msg *m, const char **wh
 static int h_get_config(struct vub_conn *c, struct vub_msg *m, const char **why)
 {
 	uint8_t space[VUB_MAX_CONFIG] = { 0 };
+	uint64_t sectors;
 	struct vhu_config *cfg = &m->p.config;
 	struct {
 		uint32_t offset, size, flags;
@@ -1635,6 +1655,8 @@ static int h_get_config(struct vub_conn *c, struct vub_msg *m, const char **why)
 		return -EPROTO;
 	}
 	memcpy(space, &c->e->cfg, sizeof(c->e->cfg));
+	sectors = capacity(c->e) / VIRTIO_BLK_SECTOR; /* block_resize may have changed it */
+	memcpy(space + offsetof(struct virtio_blk_config, capacity), &sectors, sizeof(sectors));
 	out.offset = cfg->offset;
 	out.size = cfg->size;
 	out.flags = cfg->flags;
@@ -2112,7 +2134,7 @@ static void fill_config(struct vub_export *e)
 		f |= BIT(VIRTIO_BLK_F_RO);
 	e->offered = f;
 	memset(cfg, 0, sizeof(*cfg));
-	cfg->capacity = e->capacity / VIRTIO_BLK_SECTOR;
+	cfg->capacity = capacity(e) / VIRTIO_BLK_SECTOR;
 	cfg->seg_max = e->queue_size - 2;
 	cfg->blk_size = e->lbs;
 	cfg->num_queues = (uint16_t)e->num_queues;
@@ -2227,5 +2249,6 @@ const struct vd_export_type vd_export_type_vhost_user_blk = {
 	.destroy = vub_destroy,
 	.query = vub_query,
 	.query_stats = vub_query_stats,
+	.resize = vub_resize,
 	.multi_thread = true,
 };
