@@ -9,7 +9,7 @@
 # node: a null node (null-co, read-zeroes=off: protocol overhead only) and the
 # same raw file (O_DIRECT: cache.direct=on, io_uring in both daemons).  The
 # ceiling: `vdisk bench --driver=io_uring --direct=1` on that file directly.
-# Both daemons serve from their main thread (no iothread).
+# Both daemons serve from their main thread unless IOTHREADS is set.
 #
 # Cases: 4k randread at QD1 and QD32 and 4k randwrite at QD32, with 1 and 2
 # queues (2 jobs, each with its own queue, QD per job).  Every run starts a
@@ -25,6 +25,10 @@
 #   RUNTIME      seconds per run (default 3)
 #   ONLY         only cases whose name matches this extended regex
 #   POLL_US      poll-us for vdiskd's export (default 0)
+#   POLL_MAX_US  poll-max-us for vdiskd's export (default 0: no adaptive polling)
+#   IOTHREADS    N > 0: vdiskd serves virtqueue i from iothread i mod N
+#                (iothread.0=io0,...); qemu-storage-daemon gets one iothread
+#                (7.2 takes no list for vhost-user-blk: all its queues there)
 #
 # Exit status: 0 ok, 1 a run failed, 2 usage/setup problem.
 set -euo pipefail
@@ -39,6 +43,8 @@ RUNS=${RUNS:-3}
 RUNTIME=${RUNTIME:-3}
 ONLY=${ONLY:-}
 POLL_US=${POLL_US:-0}
+POLL_MAX_US=${POLL_MAX_US:-0}
+IOTHREADS=${IOTHREADS:-0}
 PY=/usr/bin/python3
 
 for t in "$VDISK" "$VDISKD"; do
@@ -64,22 +70,29 @@ sync "$file" # no writeback of it during the runs
 
 # start TARGET NODE QUEUES: a daemon exporting NODE (null or file) with QUEUES queues on $sock.
 start() {
-	local target=$1 node=$2 queues=$3 bd
+	local target=$1 node=$2 queues=$3 bd objs=() it=""
 	rm -f "$sock"
+	if [ "$IOTHREADS" -gt 0 ]; then
+		for ((i = 0; i < IOTHREADS; i++)); do
+			objs+=(--object "iothread,id=io$i")
+			[ "$target" = vdiskd ] && it+=",iothread.$i=io$i"
+		done
+		[ "$target" = vdiskd ] || { objs=(--object iothread,id=io0); it=",iothread=io0"; }
+	fi
 	if [ "$target" = vdiskd ]; then
 		if [ "$node" = null ]; then
 			bd="driver=null-co,node-name=n0,size=$bytes,read-zeroes=off"
 		else
 			bd="driver=file,node-name=n0,filename=$file,cache.direct=on"
 		fi
-		"$VDISKD" --blockdev "$bd" --export "type=vhost-user-blk,id=e0,node-name=n0,writable=on,num-queues=$queues,poll-us=$POLL_US,addr.type=unix,addr.path=$sock" 2>>"$work/daemon.log" &
+		"$VDISKD" "${objs[@]}" --blockdev "$bd" --export "type=vhost-user-blk,id=e0,node-name=n0,writable=on,num-queues=$queues,poll-us=$POLL_US,poll-max-us=$POLL_MAX_US,addr.type=unix,addr.path=$sock$it" 2>>"$work/daemon.log" &
 	else
 		if [ "$node" = null ]; then
 			bd="driver=null-co,node-name=n0,size=$bytes,read-zeroes=off"
 		else
 			bd="driver=file,node-name=n0,filename=$file,cache.direct=on,aio=io_uring,locking=off"
 		fi
-		qemu-storage-daemon --blockdev "$bd" --export "type=vhost-user-blk,id=e0,node-name=n0,writable=on,num-queues=$queues,addr.type=unix,addr.path=$sock" 2>>"$work/daemon.log" &
+		qemu-storage-daemon "${objs[@]}" --blockdev "$bd" --export "type=vhost-user-blk,id=e0,node-name=n0,writable=on,num-queues=$queues,addr.type=unix,addr.path=$sock$it" 2>>"$work/daemon.log" &
 	fi
 	pid=$!
 	for _ in $(seq 200); do

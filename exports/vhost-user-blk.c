@@ -16,13 +16,15 @@
  *
  *   --export type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=S
  *            [,writable=on][,num-queues=N][,queue-size=N][,logical-block-size=N]
- *            [,iothread=T | iothread.0=T0,iothread.1=T1...][,poll-us=N][,serial=STR]
+ *            [,iothread=T | iothread.0=T0,iothread.1=T1...][,poll-us=N][,poll-max-us=N]
+ *            [,serial=STR]
  *
  * num-queues: virtqueues offered (1..64, default 1); queue-size: the largest
  * ring a front end may set up (default 256, up to 1024; seg_max follows it);
  * logical-block-size: blk_size in the config space (512..64k, power of two);
  * poll-us: after a burst of requests keep checking the rings for this long
- * (notifications off) before going back to sleep on the kick eventfds.
+ * (notifications off) before going back to sleep on the kick eventfds;
+ * poll-max-us: the same with a window each lane adapts (adapt_poll_window).
  *
  * Threads: the listening socket and the front end's control channel run in
  * the export's thread (its node's home).  The virtqueues run in lanes
@@ -103,6 +105,7 @@
 #define VUB_MAX_DWZ_SECTORS (1u << 21) /* 1 GiB per discard / write-zeroes */
 #define VUB_DWZ_SEGS 1                 /* segments per discard / write-zeroes */
 #define VUB_POLL_CHECK_EVERY 128       /* poller: look at the control socket every N spins */
+#define VUB_DEFAULT_POLL_MAX_US 0      /* adaptive polling off unless asked for (see bench/RESULTS.md) */
 
 /* ---- state ----------------------------------------------------------------------------------------------- */
 
@@ -131,6 +134,9 @@ struct vub_lane {
 	bool paused;       /* waiting for requests in flight: take no new ones */
 	bool poller_running;
 	struct vd_co_queue drained;
+	/* Adaptive polling: the current window, and since when the lane sleeps on its kick fds (0: it does not). */
+	uint64_t poll_ns, asleep_since;
+	unsigned wanted; /* atomic: the control channel waits to run something here (the poller makes way) */
 };
 
 struct vub_vq {
@@ -184,7 +190,7 @@ struct vub_export {
 	struct vd_export *exp;
 	char *path;
 	char *serial;
-	unsigned num_queues, queue_size, lbs, poll_us;
+	unsigned num_queues, queue_size, lbs, poll_us, poll_max_us;
 	struct vub_lane *lanes;
 	unsigned nlanes;
 	/* The export's thread. */
@@ -796,10 +802,40 @@ static bool drain_and_rearm(struct vub_vq *vq)
 	}
 }
 
+/*
+ * Adaptive polling (poll-max-us, QEMU's scheme): a lane that went to sleep
+ * and was kicked within the maximum window would have caught that request by
+ * polling: grow its window (4 us, then doubling, up to the maximum); a kick
+ * after longer than that means polling would only have burnt CPU: no window
+ * until short sleeps come back.
+ */
+static void adapt_poll_window(struct vub_lane *lane)
+{
+	uint64_t max = (uint64_t)lane->e->poll_max_us * 1000, slept;
+
+	if (!max || !lane->asleep_since)
+		return;
+	slept = vdd_now_ns() - lane->asleep_since;
+	lane->asleep_since = 0;
+	if (slept > max)
+		lane->poll_ns = 0;
+	else if (slept > lane->poll_ns)
+		lane->poll_ns = lane->poll_ns ? (lane->poll_ns * 2 < max ? lane->poll_ns * 2 : max) : 4000;
+}
+
+static uint64_t poll_window_ns(struct vub_lane *lane)
+{
+	return lane->e->poll_us ? (uint64_t)lane->e->poll_us * 1000 : lane->poll_ns;
+}
+
 static void process_vq(struct vub_vq *vq)
 {
-	if (drain_and_rearm(vq) && vq->c->e->poll_us)
+	if (!drain_and_rearm(vq))
+		return;
+	if (poll_window_ns(vq->lane))
 		start_poller(vq->lane);
+	else if (!vq->lane->poller_running)
+		vq->lane->asleep_since = vdd_now_ns();
 }
 
 static void vq_stop_kick(struct vub_vq *vq);
@@ -817,13 +853,15 @@ static void kick_event(void *opaque, int fd, int revents)
 		return;
 	}
 	COUNT(vq->c->e->kicks);
+	adapt_poll_window(vq->lane);
 	process_vq(vq);
 }
 
 /*
- * Adaptive polling (poll-us): while requests keep coming, look at the avail
- * rings every loop iteration with kicks suppressed; after poll-us without a
- * new request, turn kicks back on and sleep.
+ * Polling (poll-us, or the adaptive window): while requests keep coming, look
+ * at the avail rings every loop iteration with kicks suppressed (the loop
+ * reaps the file driver's completions in the same iterations); after the
+ * window without a new request, turn kicks back on and sleep.
  */
 static void set_no_notify(struct vub_lane *lane, bool on)
 {
@@ -865,14 +903,18 @@ static void poller_co(void *opaque)
 			any |= take_requests(vq);
 		if (any)
 			idle_since = vdd_now_ns();
-		else if (vdd_now_ns() - idle_since > (uint64_t)c->e->poll_us * 1000)
+		else if (vdd_now_ns() - idle_since > poll_window_ns(lane))
+			break;
+		/* While we are scheduled the loop looks at no fd: make way for the control channel. */
+		if (__atomic_load_n(&lane->wanted, __ATOMIC_RELAXED))
 			break;
 		if (++spins % VUB_POLL_CHECK_EVERY == 0 && control_pending(c))
-			break; /* let the loop read the control socket */
+			break;
 		vd_loop_schedule(vd_loop_get(), vd_co_self());
 		vd_co_yield();
 	}
 	lane->poller_running = false;
+	lane->asleep_since = vdd_now_ns();
 	if (!conn_closing(c)) {
 		set_no_notify(lane, false);
 		LANE_FOR_EACH_VQ(c, lane, vq)
@@ -1341,11 +1383,19 @@ static void lane_pause_fn(void *opaque)
 	lane_pause(opaque);
 }
 
+/* From the control channel: run fn(arg) in the lane's thread and wait (its poller makes way meanwhile). */
+static void lane_call(struct vub_lane *lane, void (*fn)(void *), void *arg)
+{
+	__atomic_add_fetch(&lane->wanted, 1, __ATOMIC_RELAXED);
+	vdd_thread_call(lane->thread, fn, arg);
+	__atomic_sub_fetch(&lane->wanted, 1, __ATOMIC_RELAXED);
+}
+
 /* From the control channel: pause every lane (each in its thread). */
 static void conn_pause(struct vub_conn *c)
 {
 	for (unsigned i = 0; i < c->e->nlanes; i++)
-		vdd_thread_call(c->e->lanes[i].thread, lane_pause_fn, &c->e->lanes[i]);
+		lane_call(&c->e->lanes[i], lane_pause_fn, &c->e->lanes[i]);
 }
 
 typedef int (*vub_handler)(struct vub_conn *c, struct vub_msg *m, const char **why);
@@ -1387,7 +1437,7 @@ static int on_lane(struct vub_conn *c, struct vub_msg *m, const char **why, vub_
 	if (m->hdr.size < sizeof(uint64_t) || index >= c->e->num_queues)
 		return fn(c, m, why);
 	k.lane = c->vqs[index].lane;
-	vdd_thread_call(k.lane->thread, lane_msg_fn, &k);
+	lane_call(k.lane, lane_msg_fn, &k);
 	return k.ret;
 }
 
@@ -1464,7 +1514,7 @@ static int h_set_mem_table(struct vub_conn *c, struct vub_msg *m, const char **w
 	memcpy(c->regions, nr, sizeof(nr[0]) * t->nregions);
 	c->nregions = (int)t->nregions;
 	for (unsigned i = 0; i < c->e->nlanes; i++)
-		vdd_thread_call(c->e->lanes[i].thread, lane_remap_fn, &c->e->lanes[i]);
+		lane_call(&c->e->lanes[i], lane_remap_fn, &c->e->lanes[i]);
 	return 0;
 }
 
@@ -1918,7 +1968,7 @@ static void lane_reset_fn(void *opaque)
 static void conn_reset_rings(struct vub_conn *c)
 {
 	for (unsigned i = 0; i < c->e->nlanes; i++)
-		vdd_thread_call(c->e->lanes[i].thread, lane_reset_fn, &c->e->lanes[i]);
+		lane_call(&c->e->lanes[i], lane_reset_fn, &c->e->lanes[i]);
 }
 
 static void listen_again(struct vub_export *e);
@@ -2056,15 +2106,15 @@ static void accept_event(void *opaque, int fd, int revents)
 
 /* ---- the export type ---------------------------------------------------------------------------------------- */
 
-static const char *const vub_options[] = { "addr", "num-queues", "queue-size", "logical-block-size", "poll-us",
-					   "serial", NULL };
+static const char *const vub_options[] = { "addr",    "num-queues",  "queue-size", "logical-block-size",
+					   "poll-us", "poll-max-us", "serial",     NULL };
 
 static int vub_create(struct vd_export *exp, json_t *opts, char **errp)
 {
 	struct vub_export *e = exp->opaque;
 	json_t *addr = json_object_get(opts, "addr");
 	const char *type, *path, *serial;
-	uint64_t nq, qs, lbs, poll_us;
+	uint64_t nq, qs, lbs, poll_us, poll_max_us;
 	char *err = NULL;
 
 	e->exp = exp;
@@ -2080,6 +2130,7 @@ static int vub_create(struct vd_export *exp, json_t *opts, char **errp)
 	    vdd_arg_u64(opts, "queue-size", VUB_DEFAULT_QUEUE_SIZE, &qs, errp) < 0 ||
 	    vdd_arg_u64(opts, "logical-block-size", 512, &lbs, errp) < 0 ||
 	    vdd_arg_u64(opts, "poll-us", 0, &poll_us, errp) < 0 ||
+	    vdd_arg_u64(opts, "poll-max-us", VUB_DEFAULT_POLL_MAX_US, &poll_max_us, errp) < 0 ||
 	    vdd_arg_str(opts, "serial", false, exp->id, &serial, errp) < 0)
 		return -1;
 	if (nq < 1 || nq > VUB_MAX_QUEUES)
@@ -2089,8 +2140,8 @@ static int vub_create(struct vd_export *exp, json_t *opts, char **errp)
 				 VUB_MAX_QUEUE_SIZE);
 	if (lbs < 512 || lbs > 65536 || (lbs & (lbs - 1)))
 		return vdd_error(errp, "vhost-user-blk export: logical-block-size must be a power of two between 512 and 64k");
-	if (poll_us > 1000000)
-		return vdd_error(errp, "vhost-user-blk export: poll-us must be at most 1000000");
+	if (poll_us > 1000000 || poll_max_us > 1000000)
+		return vdd_error(errp, "vhost-user-blk export: poll-us and poll-max-us must be at most 1000000");
 	{
 		struct sockaddr_un sa;
 
@@ -2101,6 +2152,7 @@ static int vub_create(struct vd_export *exp, json_t *opts, char **errp)
 	e->queue_size = (unsigned)qs;
 	e->lbs = (unsigned)lbs;
 	e->poll_us = (unsigned)poll_us;
+	e->poll_max_us = poll_us ? 0 : (unsigned)poll_max_us; /* a fixed window replaces the adaptive one */
 	e->path = strdup(path);
 	e->serial = strdup(serial);
 	e->nlanes = (unsigned)exp->n_threads;
@@ -2227,6 +2279,7 @@ static void vub_query(struct vd_export *exp, json_t *info)
 	json_object_set_new(info, "queue-size", json_integer(e->queue_size));
 	json_object_set_new(info, "logical-block-size", json_integer(e->lbs));
 	json_object_set_new(info, "poll-us", json_integer(e->poll_us));
+	json_object_set_new(info, "poll-max-us", json_integer(e->poll_max_us));
 }
 
 static void vub_query_stats(struct vd_export *exp, json_t *stats)

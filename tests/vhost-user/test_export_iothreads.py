@@ -2,8 +2,11 @@
 """vdiskd's vhost-user-blk export with an iothread list: virtqueue i is served by iothread i mod n (kick handler,
 request coroutines, node calls in that thread).  Data written through several queues at once by our client driver
 is checked by the client, by qemu-img compare against a reference, and the iothreads must have done the work."""
+import json
 import os
+import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -38,7 +41,7 @@ def reference(path, size, mb, queues):
 
 @pytest.mark.parametrize("fmt,queues,opts", [("raw", 2, ""), ("raw", 3, ",poll-us=50"), ("qcow2", 2, "")])
 def test_queues_on_iothreads(vdiskd, image, client, tmp_path, fmt, queues, opts):
-    if fmt == "qcow2" and not __import__("shutil").which("qemu-img"):
+    if fmt == "qcow2" and not shutil.which("qemu-img"):
         pytest.skip("qemu-img not installed")
     size = 32 * MiB
     if fmt == "qcow2":
@@ -74,7 +77,6 @@ def test_iothreads_hammer_and_reconnect(vdiskd, image, vu_client, client):
     p = subprocess.Popen([vu_client, "--path", d.sock, "--queues", "2", "hammer", "20"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     try:
-        import time
         time.sleep(1)
     finally:
         p.kill()
@@ -88,3 +90,30 @@ def test_iothreads_hammer_and_reconnect(vdiskd, image, vu_client, client):
 def test_iothread_list_unknown_thread(vdiskd, image):
     with pytest.raises(RuntimeError, match="io9"):
         vdiskd(image(MiB), opts="num-queues=2,iothread.0=io0,iothread.1=io9", extra=IOTHREADS[:2])
+
+
+def export_stats(ctl):
+    c = Control(ctl)
+    (e,) = c.cmd("query-stats", target="export")["exports"]
+    c.close()
+    return e["vhost-user-blk"]
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_adaptive_polling(vdiskd, vdisk_tool, client, image, tmp_path, threads):
+    """poll-max-us (QEMU's 32 us): kicks are turned off and on as the window adapts; no request may be missed at
+    a hand-over (a miss hangs the client) and data stays intact.  Without polling every request is kicked."""
+    for max_us in (0, 32):
+        ctl = tmp_path / f"ctl{max_us}.sock"
+        opts = f"num-queues=2,poll-max-us={max_us}" + (",iothread.0=io0,iothread.1=io1" if threads else "")
+        d = vdiskd(image(16 * MiB, name=f"d{max_us}.raw"), opts=opts,
+                   extra=[*(IOTHREADS if threads else []), "--control", f"unix:{ctl}"])
+        for qd in (1, 8):
+            p = run([vdisk_tool, "bench", "--driver=virtio-blk-vhost-user", f"--path={d.sock}", "--rw=randread",
+                     f"--iodepth={qd}", "--numjobs=2", "--runtime=300ms", "--output=json"], check=0, timeout=30)
+            assert json.loads(p.stdout)["ios"] > 0
+            st = export_stats(ctl)
+            if max_us == 0 and qd == 1:
+                assert st["kicks"] == st["requests"], st  # QD1 without polling: one kick per request
+        client(d, "--queues", "2", "multiq", "2", timeout=60)
+        d.stop()
