@@ -10,6 +10,11 @@
 #   qcow2:     vdiskd, qemu-nbd (writeback)
 #   null:      vdiskd null-co, nbdkit null, qemu-nbd null-co (protocol overhead
 #              only; nbdkit with the noextents filter so nbdcopy reads it too)
+#   multi-conn: raw file served by vdiskd from one thread and from two
+#              iothreads (iothread.0=io0,iothread.1=io1: connections dealt to
+#              the threads, one libvdisk queue each), nbdkit, qemu-nbd; with
+#              several clients at once (fio nbd engine with 4 jobs, one
+#              connection each; nbdcopy with 4 connections)
 #   slow null: the same with 1 ms added to every request (nbdkit: delay filter),
 #              a stand-in for a slow backend: a server that bounds requests in
 #              flight per connection (qemu-nbd: 16; nbdkit: 16 threads) cannot
@@ -18,7 +23,11 @@
 # Tests: fio's nbd engine, 4k randread at QD1, QD32 and QD128 and randwrite at
 # QD1 and QD32 (one connection), and nbdcopy 1 MiB sequential reads of the
 # whole image to null: with 1 and 4 connections (nbdcopy's start-up time is
-# included: use images of 1 GiB or more for meaningful MiB/s).  Prints IOPS
+# included: use images of 1 GiB or more for meaningful MiB/s; --threads is
+# set to the connection count, since nbdcopy opens no more connections than
+# threads, whose default is the CPU count).  The multi-conn group runs
+# randread-4jobs-qd32 and randwrite-4jobs-qd32 (fio, 4 jobs x QD8, one
+# connection each) and seqread-4conn.  Prints IOPS
 # and MiB/s per server and the ratios of vdiskd to the others.
 #
 # Usage: bench/nbd.sh [-t SECONDS] [-s SIZE_MB] [-r ROUNDS] [-o RESULTS.md]
@@ -59,7 +68,7 @@ while getopts "t:s:o:r:h" opt; do
 	s) SIZE_MB=$OPTARG ;;
 	r) REPEAT=$OPTARG ;;
 	o) OUT=$OPTARG ;;
-	h) sed -n '3,41p' "$0"; exit 0 ;;
+	h) sed -n '3,50p' "$0"; exit 0 ;;
 	*) exit 2 ;;
 	esac
 done
@@ -95,6 +104,12 @@ start() {
 	vdiskd-raw|before-raw)
 		"$([ "$1" = before-raw ] && echo "$VDISKD_BEFORE" || echo "$VDISKD")" --blockdev "driver=file,node-name=f0,filename=$raw" --blockdev driver=raw,node-name=d,file=f0 \
 			--nbd-server "addr.type=unix,addr.path=$sock" --export type=nbd,id=e,node-name=d,writable=on &
+		uri="nbd+unix:///d?socket=$sock" ;;
+	vdiskd-raw-mq)
+		"$VDISKD" --object iothread,id=io0 --object iothread,id=io1 \
+			--blockdev "driver=file,node-name=f0,filename=$raw" --blockdev driver=raw,node-name=d,file=f0 \
+			--nbd-server "addr.type=unix,addr.path=$sock" \
+			--export type=nbd,id=e,node-name=d,writable=on,iothread.0=io0,iothread.1=io1 &
 		uri="nbd+unix:///d?socket=$sock" ;;
 	vdiskd-raw-threads)
 		"$VDISKD" --blockdev "driver=file,node-name=f0,filename=$raw,aio=threads" \
@@ -169,10 +184,11 @@ server_ticks() {
 	awk '{print $14 + $15}' "/proc/$server_pid/stat"
 }
 
-fio_iops() { # rw qd: prints IOPS; appends the server's CPU µs per request to $cpu_file
+fio_iops() { # rw qd [jobs]: prints IOPS; appends the server's CPU µs per request to $cpu_file
 	local t0 t1 iops
 	t0=$(server_ticks)
 	iops=$(fio --name=b --ioengine=nbd --uri="$uri" --rw="$1" --bs=4k --iodepth="$2" --size="${SIZE_MB}M" \
+		--numjobs="${3:-1}" --group_reporting \
 		--time_based --runtime="$RUNTIME" --ramp_time=1 --output-format=json 2>/dev/null |
 		python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"]))')
 	t1=$(server_ticks)
@@ -184,21 +200,25 @@ cpu_file=$work/cpu
 copy_mibs() { # connections
 	local t0 t1
 	t0=$(date +%s.%N)
-	nbdcopy --connections="$1" --request-size=1048576 "$uri" null: >/dev/null
+	nbdcopy --connections="$1" --threads="$1" --request-size=1048576 "$uri" null: >/dev/null
 	t1=$(date +%s.%N)
 	python3 -c "print(round($SIZE_MB / ($t1 - $t0)))"
 }
 
 TESTS="randread-qd1 randread-qd32 randread-qd128 randwrite-qd1 randwrite-qd32 seqread-1conn seqread-4conn"
 
+TESTS_MQ="randread-4jobs-qd32 randwrite-4jobs-qd32 seqread-4conn"
+
 run_server() {
-	local name=$1 v
+	local name=$1 tests=${2:-$TESTS} v
 	start "$name"
 	local mc
 	mc=$(nbdinfo --can multi-conn "$uri" >/dev/null 2>&1 && echo yes || echo no)
 	echo "# $name (multi-conn: $mc)" >&2
-	for t in $TESTS; do
+	for t in $tests; do
 		case $t in
+		randread-4jobs-qd32) v=$(fio_iops randread 8 4) ;;
+		randwrite-4jobs-qd32) v=$(fio_iops randwrite 8 4) ;;
 		randread-qd1) v=$(fio_iops randread 1) ;;
 		randread-qd32) v=$(fio_iops randread 32) ;;
 		randread-qd128) v=$(fio_iops randread 128) ;;
@@ -219,6 +239,16 @@ run_server() {
 	stop
 }
 
+# A server of the multi-conn group: results under its mq: name.
+run_server_mq() {
+	local name=${1#mq:} saved=$results
+	results=$work/results-mq.txt
+	: >"$results"
+	run_server "$name" "$TESTS_MQ"
+	sed "s/^$name /$1 /" "$results" >>"$saved"
+	results=$saved
+}
+
 GROUPS_RAW="vdiskd-raw vdiskd-raw-threads vdiskd-raw-direct nbdkit-file qemu-nbd-raw-none qemu-nbd-raw-wb"
 GROUPS_QCOW2="vdiskd-qcow2 qemu-nbd-qcow2"
 GROUPS_NULL="vdiskd-null nbdkit-null qemu-nbd-null"
@@ -227,6 +257,7 @@ if [ -n "$VDISKD_BEFORE" ]; then
 	GROUPS_NULL="before-null $GROUPS_NULL"
 fi
 GROUPS_SLOW="vdiskd-null-1ms nbdkit-null-1ms qemu-nbd-null-1ms"
+GROUPS_MQ="vdiskd-raw-mq mq:vdiskd-raw mq:nbdkit-file mq:qemu-nbd-raw-wb"
 for round in $(seq "$REPEAT"); do
 	[ "$REPEAT" -gt 1 ] && echo "## round $round of $REPEAT" >&2
 	for s in $GROUPS_RAW $GROUPS_QCOW2 $GROUPS_NULL $GROUPS_SLOW; do
@@ -235,16 +266,24 @@ for round in $(seq "$REPEAT"); do
 		fi
 		run_server "$s"
 	done
+	# The multi-conn group: its own tests; mq:NAME is server NAME under those tests.
+	for s in $GROUPS_MQ; do
+		if [ -n "$ONLY" ] && ! [[ " $ONLY " == *" $s "* ]]; then
+			continue
+		fi
+		run_server_mq "$s"
+	done
 done
 
 # ---- report ---------------------------------------------------------------------------------------
 
 report=$(python3 - "$results" "$RUNTIME" "$SIZE_MB" "$GROUPS_RAW" "$GROUPS_QCOW2" "$GROUPS_NULL" "$REPEAT" \
-	"$GROUPS_SLOW" <<'EOF'
+	"$GROUPS_SLOW" "$GROUPS_MQ" <<'EOF'
 import sys, collections, platform, os, subprocess
 path, runtime, size_mb = sys.argv[1], sys.argv[2], sys.argv[3]
 groups = [("raw file", sys.argv[4].split()), ("qcow2", sys.argv[5].split()), ("null", sys.argv[6].split()),
-          ("slow null (1 ms per request)", sys.argv[8].split())]
+          ("slow null (1 ms per request)", sys.argv[8].split()),
+          ("multi-conn raw file (several clients; vdiskd-raw-mq: 2 iothreads)", sys.argv[9].split())]
 rounds = sys.argv[7]
 import statistics
 res = collections.defaultdict(dict)
@@ -258,9 +297,9 @@ for line in open(path):
 for (name, test), v in vals.items():
     m = statistics.median(v)  # median of the rounds
     res[name][test] = f"{m:.2f}" if test.startswith("cpu:") else str(round(m))
-tests = ["randread-qd1", "randread-qd32", "randread-qd128", "randwrite-qd1", "randwrite-qd32", "seqread-1conn",
-         "seqread-4conn"]
-units = {t: ("IOPS" if t.startswith("rand") else "MiB/s") for t in tests}
+all_tests = ["randread-qd1", "randread-qd32", "randread-qd128", "randwrite-qd1", "randwrite-qd32", "seqread-1conn",
+             "seqread-4conn", "randread-4jobs-qd32", "randwrite-4jobs-qd32"]
+units = {t: ("IOPS" if t.startswith("rand") else "MiB/s") for t in all_tests}
 load = open("/proc/loadavg").read().split()[:3]
 print(f"NBD export benchmark: {size_mb} MiB image, fio {runtime}s per point, median of {rounds} round(s), "
       f"{os.cpu_count()} CPUs, kernel {platform.release()}, load average at the end {' '.join(load)}")
@@ -269,6 +308,7 @@ for title, names in groups:
     names = [n for n in names if n in res]
     if not names:
         continue
+    tests = [t for t in all_tests if any(t in res[n] for n in names)]
     print(f"### {title}")
     print()
     print("| test | unit | " + " | ".join(names) + " |")
@@ -280,8 +320,16 @@ for title, names in groups:
             print(f"| {t} server CPU | µs/req | " + " | ".join(res[n].get("cpu:" + t, "-") for n in names) + " |")
     print("| multi-conn | | " + " | ".join(res[n].get("multi-conn", "-") for n in names) + " |")
     print()
-    base = [n for n in names if n.startswith("vdiskd")]
-    others = [n for n in names if not n.startswith("vdiskd")]
+    base = [n for n in names if n.split(":")[-1].startswith("vdiskd")]
+    others = [n for n in names if not n.split(":")[-1].startswith("vdiskd")]
+    for b in base[1:]:  # several vdiskd configurations: the first against the others
+        ratios = []
+        for t in tests:
+            try:
+                ratios.append(f"{t} {float(res[base[0]][t]) / float(res[b][t]):.2f}")
+            except (KeyError, ValueError, ZeroDivisionError):
+                pass
+        print(f"- {base[0]} / {b} (throughput): " + ", ".join(ratios))
     for b in base:
         for o in others:
             ratios = []

@@ -681,14 +681,18 @@ int vd_loop_enable_remote(struct vd_loop *l)
 
 void vd_loop_disable_remote(struct vd_loop *l)
 {
-	if (l->mb_efd < 0)
+	int efd = l->mb_efd;
+
+	if (efd < 0)
 		return;
+	pthread_mutex_lock(&l->mb_lock);
 	__atomic_store_n(&l->mb_enabled, false, __ATOMIC_RELEASE);
+	pthread_mutex_unlock(&l->mb_lock);
 	/* Whatever was posted before runs now: its poster may be waiting for it. */
-	mailbox_event(l, l->mb_efd, POLLIN);
-	vd_loop_del_fd_handler(l, l->mb_efd);
-	close(l->mb_efd);
+	mailbox_event(l, efd, POLLIN);
+	vd_loop_del_fd_handler(l, efd);
 	l->mb_efd = -1;
+	close(efd);
 }
 
 bool vd_loop_accepts_remote(struct vd_loop *l)
@@ -700,19 +704,19 @@ void vd_loop_post_msg(struct vd_loop *l, struct vd_loop_msg *m)
 {
 	uint64_t one = 1;
 	ssize_t n;
-	int efd;
 
-	if (!vd_loop_accepts_remote(l)) {
+	m->next = NULL;
+	pthread_mutex_lock(&l->mb_lock);
+	if (!l->mb_enabled) {
+		pthread_mutex_unlock(&l->mb_lock);
 		fprintf(stderr, "vd_loop_post: the target thread's loop does not accept cross-thread calls\n");
 		abort();
 	}
-	m->next = NULL;
-	pthread_mutex_lock(&l->mb_lock);
 	*l->mb_tail = m;
 	l->mb_tail = &m->next;
-	efd = l->mb_efd; /* read under the lock: m may be freed once we unlock */
+	/* Under the lock: the owner closes the eventfd only after clearing mb_enabled under it. */
+	n = write(l->mb_efd, &one, sizeof(one));
 	pthread_mutex_unlock(&l->mb_lock);
-	n = write(efd, &one, sizeof(one));
 	(void)n; /* the counter only saturates after 2^64 - 2 posts */
 }
 
