@@ -39,13 +39,16 @@ struct job {
 	struct job *next;
 };
 
-/* One per loop thread that has used the pool; never freed (workers may still hold it). */
+/* One per loop thread that has used the pool. */
 struct home {
 	int efd;
 	pthread_mutex_t lock;
 	struct job *done; /* finished, not yet resumed (LIFO; order does not matter) */
 	unsigned pending; /* jobs handed out and not yet resumed (loop thread only) */
 	bool watching;    /* efd handler registered on the loop */
+	/* Under lock: jobs queued or running whose worker has not finished signalling efd. */
+	unsigned outstanding;
+	bool orphaned; /* its thread has ended: the last worker to signal frees it */
 };
 
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -53,8 +56,50 @@ static pthread_cond_t pool_cond = PTHREAD_COND_INITIALIZER;
 static struct job *queue_head, *queue_tail;
 static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 static int pool_workers;
+static bool pool_stopping; /* under pool_lock: workers exit once the queue is empty */
+static pthread_t pool_threads[VD_WORKPOOL_MAX];
 
 static _Thread_local struct home *thread_home;
+static pthread_key_t home_key; /* its destructor frees a thread's home */
+
+static void home_free(struct home *h)
+{
+	close(h->efd);
+	pthread_mutex_destroy(&h->lock);
+	free(h);
+}
+
+/* A worker has signalled h for one job: free h if its thread is gone and no job is left. */
+static void home_release(struct home *h)
+{
+	bool last;
+
+	pthread_mutex_lock(&h->lock);
+	last = --h->outstanding == 0 && h->orphaned;
+	pthread_mutex_unlock(&h->lock);
+	if (last)
+		home_free(h);
+}
+
+/*
+ * The home's thread ends.  Its loop is gone or going (threads free their
+ * loop before they end), so the efd handler is not touched: with no job
+ * out it is not registered anyway.
+ */
+static void home_thread_end(void *opaque)
+{
+	struct home *h = opaque;
+	bool now;
+
+	if (thread_home == h)
+		thread_home = NULL;
+	pthread_mutex_lock(&h->lock);
+	h->orphaned = true;
+	now = h->outstanding == 0;
+	pthread_mutex_unlock(&h->lock);
+	if (now)
+		home_free(h);
+}
 
 static void *worker_main(void *opaque)
 {
@@ -66,8 +111,12 @@ static void *worker_main(void *opaque)
 		ssize_t n;
 
 		pthread_mutex_lock(&pool_lock);
-		while (!queue_head)
+		while (!queue_head && !pool_stopping)
 			pthread_cond_wait(&pool_cond, &pool_lock);
+		if (!queue_head) {
+			pthread_mutex_unlock(&pool_lock);
+			return NULL;
+		}
 		j = queue_head;
 		queue_head = j->next;
 		if (!queue_head)
@@ -80,32 +129,49 @@ static void *worker_main(void *opaque)
 		j->next = h->done;
 		h->done = j;
 		pthread_mutex_unlock(&h->lock);
-		/* j may be gone from here on (its coroutine resumed); h stays. */
+		/* j may be gone from here on (its coroutine resumed); h stays until released. */
 		n = write(h->efd, &one, sizeof(one));
 		(void)n; /* only fails when the counter would overflow: it is non-zero then anyway */
+		home_release(h);
 	}
-	return NULL;
+}
+
+/* At exit: let the workers finish what is queued, and join them (their thread-specific state is freed). */
+static void pool_stop(void)
+{
+	struct home *h = thread_home;
+
+	pthread_mutex_lock(&pool_lock);
+	pool_stopping = true;
+	pthread_cond_broadcast(&pool_cond);
+	pthread_mutex_unlock(&pool_lock);
+	for (int i = 0; i < pool_workers; i++)
+		pthread_join(pool_threads[i], NULL);
+	pool_workers = 0;
+	/* The exiting thread's key destructors do not run: free its home here. */
+	if (h) {
+		pthread_setspecific(home_key, NULL);
+		home_thread_end(h);
+	}
 }
 
 static void pool_start(void)
 {
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-	pthread_attr_t attr;
 
 	if (ncpu < 1)
 		ncpu = 1;
 	if (ncpu > VD_WORKPOOL_MAX)
 		ncpu = VD_WORKPOOL_MAX;
-	pthread_attr_init(&attr);
-	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	if (pthread_key_create(&home_key, home_thread_end) != 0)
+		return; /* no workers: jobs run inline */
 	for (long i = 0; i < ncpu; i++) {
-		pthread_t t;
-
-		if (pthread_create(&t, &attr, worker_main, NULL) != 0)
+		if (pthread_create(&pool_threads[pool_workers], NULL, worker_main, NULL) != 0)
 			break;
 		pool_workers++;
 	}
-	pthread_attr_destroy(&attr);
+	if (pool_workers)
+		atexit(pool_stop);
 }
 
 int vd_workpool_size(void)
@@ -129,6 +195,10 @@ static struct home *get_home(void)
 		return NULL;
 	}
 	pthread_mutex_init(&h->lock, NULL);
+	if (pthread_setspecific(home_key, h) != 0) {
+		home_free(h);
+		return NULL;
+	}
 	thread_home = h;
 	return h;
 }
@@ -185,6 +255,9 @@ void vd_co_run_in_workers(long (*fn)(void *), void *const *args, long *rets, int
 		jobs[i] = (struct job){ .fn = fn, .arg = args[i], .batch = &b, .home = h, .next = &jobs[i + 1] };
 	jobs[n - 1].next = NULL;
 	h->pending += (unsigned)n;
+	pthread_mutex_lock(&h->lock);
+	h->outstanding += (unsigned)n;
+	pthread_mutex_unlock(&h->lock);
 	pthread_mutex_lock(&pool_lock);
 	if (queue_tail)
 		queue_tail->next = &jobs[0];
