@@ -246,3 +246,41 @@ def test_convert_qcow2_to_raw_sparse(vdisk, qemu_img, mixed_src, args, tmp_path,
     vdisk("convert", *args, "-O", "raw", "c.qcow2", "back.raw", check=0)
     qemu_img("compare", mixed_src, "back.raw")
     assert allocated_bytes(tmp_path / "back.raw") < 14 << 20
+
+
+@pytest.mark.parametrize("args", [["-m", "1"], ["-m", "8"], ["-m", "16"], ["-W"], ["-t", "none"],
+                                  ["-t", "writeback"]])
+def test_convert_raw_target_pipelined(vdisk, qemu_img, mixed_src, args, tmp_path):
+    # Raw targets: in-order writes are pipelined (the next chunk's writes are
+    # issued before this chunk's complete) and buffered ones go through a
+    # thread pool.  Many data / zero pieces per 2 MiB chunk: the target must
+    # read back as the source and be exactly as sparse as qemu-img makes it.
+    vdisk("convert", *args, "-O", "raw", mixed_src, "v.raw", check=0)
+    qemu_img("convert", "-O", "raw", mixed_src, "q.raw")
+    qemu_img("compare", "-f", "raw", "-F", "raw", mixed_src, "v.raw")
+    assert alloc_map(qemu_img, "v.raw") == alloc_map(qemu_img, "q.raw")
+    assert os.path.getsize(tmp_path / "v.raw") == os.path.getsize(tmp_path / mixed_src)
+
+
+def _file_size_limit(limit):
+    def set_limit():
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return set_limit
+
+
+@pytest.mark.parametrize("args", [[], ["-W"], ["-m", "1"], ["-t", "none"]])
+def test_convert_raw_target_write_error_mid_copy(vdisk_bin, qemu_img, mixed_src, args, tmp_path):
+    # A write fails (EFBIG past RLIMIT_FSIZE) while later chunks' writes are
+    # in flight: a clear error and exit 1, no hang, no crash.
+    import subprocess
+    qemu_img("create", "-q", "-f", "raw", "t.raw", str((24 << 20) + 512))
+    proc = subprocess.run([vdisk_bin, "convert", "-n", *args, "-O", "raw", mixed_src, "t.raw"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          preexec_fn=_file_size_limit(8 << 20))
+    assert proc.returncode == 1, proc
+    assert "error while writing" in proc.stderr, proc.stderr
+    assert "File too large" in proc.stderr, proc.stderr
+    assert "Sanitizer" not in proc.stderr and "runtime error" not in proc.stderr, proc.stderr

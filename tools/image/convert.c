@@ -18,7 +18,9 @@
  *
  * The copy runs in N coroutines (-m, default 8) on this thread's loop:
  * each takes the next chunk (under a coroutine mutex), reads it, and writes
- * it; writes are kept in order unless -W allows out-of-order writes.
+ * it; writes are kept in order unless -W allows out-of-order writes.  Into
+ * raw targets in-order writes are pipelined (see conv_write) and buffered
+ * ones go through a thread pool (see open_target).
  * With -c the chunks are 2 MiB too (not one cluster, as in qemu-img): all-zero
  * clusters are skipped, and qcow2 compresses the clusters of one write in
  * parallel on worker threads before writing them in order, so in-order
@@ -90,6 +92,7 @@ struct conv {
 	uint64_t total;
 	struct vd_bnode *target;
 	bool has_zero_init, compressed, target_has_backing, wr_in_order;
+	bool pipelined; /* in order: the next chunk's writes may start once ours are issued */
 	int64_t target_backing_size; /* -1: unknown or none */
 	uint64_t min_sparse;         /* bytes, 0: write everything */
 	uint64_t alignment;          /* of sparse runs on the target (power of two) */
@@ -291,41 +294,91 @@ static bool compressed_run(struct conv *s, const uint8_t *buf, uint64_t n, uint6
 	return data;
 }
 
-static int conv_write(struct conv *s, uint64_t off, uint64_t n, uint8_t *buf, enum conv_status status)
+/* One write (or skip) that conv_write() issues for a part of a chunk. */
+struct conv_piece {
+	uint64_t off, len;
+	enum { PIECE_DATA, PIECE_ZEROES, PIECE_SKIP } op;
+};
+
+/* The piece of [off, off+n) (buf holds its data) that starts at off. */
+static struct conv_piece next_piece(struct conv *s, uint64_t off, uint64_t n, const uint8_t *buf,
+				    enum conv_status status)
 {
-	int ret;
+	struct conv_piece p = { .off = off, .len = n, .op = PIECE_SKIP };
+
+	switch (status) {
+	case BLK_BACKING_FILE:
+		/* leave it unallocated: the target's backing file shows through */
+		return p;
+	case BLK_DATA:
+		if (!s->min_sparse ||
+		    (!s->compressed && is_allocated_min(buf, n, &p.len, s->min_sparse, off, s->alignment)) ||
+		    (s->compressed && compressed_run(s, buf, n, &p.len))) {
+			p.op = PIECE_DATA;
+			return p;
+		}
+		/* all zeroes: treat as a zero range */
+		__attribute__((fallthrough));
+	case BLK_ZERO:
+		p.op = s->has_zero_init ? PIECE_SKIP : PIECE_ZEROES;
+		return p;
+	}
+	return p;
+}
+
+/* In-order writes: let the chunk after [off, off+n) issue its writes. */
+static void conv_release_order(struct conv *s, uint64_t off, uint64_t n)
+{
+	if (s->wr_in_order && s->wr_off == off) {
+		s->wr_off = off + n;
+		vd_co_queue_wake_all(&s->wr_wait);
+	}
+}
+
+/*
+ * Write a chunk, piece by piece.  With in-order writes and `pipelined`, the
+ * next chunk may issue its writes as soon as this chunk's last write has been
+ * issued (woken coroutines run only after this one yields for that write), so
+ * the target always has writes queued instead of idling from one completion
+ * to the next submission, while the order in which writes reach the target
+ * (and so a qcow2 target's cluster layout) stays that of the guest offsets.
+ */
+static int conv_write(struct conv *s, uint64_t off, uint64_t n, uint8_t *buf, enum conv_status status,
+		      bool pipelined)
+{
+	const uint64_t chunk_off = off, chunk_len = n;
+	struct conv_piece p = next_piece(s, off, n, buf, status);
+	int ret = 0;
 
 	while (n > 0) {
-		uint64_t len = n;
+		uint64_t rest = n - p.len;
+		struct conv_piece next = { 0 };
 
-		switch (status) {
-		case BLK_BACKING_FILE:
-			/* leave it unallocated: the target's backing file shows through */
-			break;
-		case BLK_DATA:
-			if (!s->min_sparse ||
-			    (!s->compressed && is_allocated_min(buf, n, &len, s->min_sparse, off, s->alignment)) ||
-			    (s->compressed && compressed_run(s, buf, n, &len))) {
-				ret = vd_bnode_co_pwrite(s->target, off, buf, len, s->write_flags);
-				if (ret < 0)
-					return ret;
-				break;
+		/* Find the next piece that writes something, to know whether p is the last. */
+		if (rest) {
+			next = next_piece(s, off + p.len, rest, buf + p.len, status);
+			while (next.op == PIECE_SKIP && next.off + next.len < off + n) {
+				uint64_t skip_end = next.off + next.len;
+				next = next_piece(s, skip_end, off + n - skip_end, buf + (skip_end - off), status);
 			}
-			/* all zeroes: treat as a zero range */
-			__attribute__((fallthrough));
-		case BLK_ZERO:
-			if (s->has_zero_init)
-				break;
-			ret = vd_bnode_co_pwrite_zeroes(s->target, off, len, VD_BREQ_MAY_UNMAP);
-			if (ret < 0)
-				return ret;
-			break;
 		}
-		off += len;
-		n -= len;
-		buf += len;
+		if (pipelined && p.op != PIECE_SKIP && (!rest || next.op == PIECE_SKIP))
+			conv_release_order(s, chunk_off, chunk_len);
+		if (p.op == PIECE_DATA)
+			ret = vd_bnode_co_pwrite(s->target, p.off, buf + (p.off - off), p.len, s->write_flags);
+		else if (p.op == PIECE_ZEROES)
+			ret = vd_bnode_co_pwrite_zeroes(s->target, p.off, p.len, VD_BREQ_MAY_UNMAP);
+		if (ret < 0)
+			break;
+		if (!rest || next.op == PIECE_SKIP)
+			break; /* nothing more to write in this chunk */
+		buf += next.off - off;
+		n -= next.off - off;
+		off = next.off;
+		p = next;
 	}
-	return 0;
+	conv_release_order(s, chunk_off, chunk_len);
+	return ret;
 }
 
 static void conv_fail(struct conv *s, int ret)
@@ -389,15 +442,13 @@ static void conv_worker(void *opaque)
 				vd_co_queue_wait(&s->wr_wait, NULL);
 		}
 		if (s->ret == -EINPROGRESS) {
-			ret = conv_write(s, off, (uint64_t)n, buf, status);
+			ret = conv_write(s, off, (uint64_t)n, buf, status, s->pipelined);
 			if (ret < 0) {
 				img_err(CMD, "error while writing at byte %" PRIu64 ": %s", off, img_errmsg(ret));
 				conv_fail(s, ret);
 			}
-		}
-		if (s->wr_in_order) {
-			s->wr_off = off + (uint64_t)n;
-			vd_co_queue_wake_all(&s->wr_wait);
+		} else {
+			conv_release_order(s, off, (uint64_t)n);
 		}
 	}
 	if (buf)
@@ -457,6 +508,41 @@ static int conv_do_copy(struct conv *s, bool progress)
 	}
 	vd_loop_run_until(vd_loop_get(), &s->done);
 	return s->ret;
+}
+
+/*
+ * The target.  A raw target written through the page cache (no
+ * cache.direct) gets aio=threads, as qemu-img's default, rather than
+ * io_uring: a regular file's buffered writes cannot complete inline, so
+ * io_uring hands each one to its io-wq workers, serialised per file, which
+ * measured slower and costlier in CPU once several writes are queued
+ * (pipelined, see conv_write); a pool of threads was the fastest of the
+ * variants measured (bench/RESULTS.md).  qcow2 targets stay on io_uring
+ * (their writes are not pipelined, and the file node restarts its I/O
+ * instance when the file grows, which costs a thread pool more).  Only for
+ * a target named by a plain file name: an option string or json: spec says
+ * what it wants.
+ */
+static struct vd_bnode *open_target(const char *filename, const char *fmt, const struct vd_cache_mode *cache)
+{
+	json_t *opts;
+	struct vd_bnode *bs;
+
+	if (cache->direct || !fmt || strcmp(fmt, "raw"))
+		return img_open(CMD, filename, fmt, false, cache, VD_BO_RDWR);
+	opts = vd_opts_parse_spec(filename);
+	if (!opts || json_object_size(opts) != 1 || !json_object_get(opts, "filename")) {
+		json_decref(opts);
+		return img_open(CMD, filename, fmt, false, cache, VD_BO_RDWR);
+	}
+	json_object_set_new(opts, "driver", json_string(fmt));
+	json_object_set_new(opts, "aio", json_string("threads"));
+	img_clear_err();
+	bs = vd_bnode_open_opts(opts, cache, VD_BO_RDWR);
+	if (!bs)
+		img_err(CMD, "Could not open '%s': %s", filename, img_errmsg(-EIO));
+	json_decref(opts);
+	return bs;
 }
 
 enum { OPT_IMAGE_OPTS = 256, OPT_TARGET_IS_ZERO };
@@ -723,7 +809,7 @@ int vd_img_convert(int argc, char **argv)
 		}
 	}
 
-	s.target = img_open(CMD, out_filename, out_fmt, false, &cache, VD_BO_RDWR);
+	s.target = open_target(out_filename, out_fmt, &cache);
 	if (!s.target)
 		goto out;
 	if (skip_create) {
@@ -755,6 +841,12 @@ int vd_img_convert(int argc, char **argv)
 		if (s.cluster_size > s.buf_size)
 			s.buf_size = s.cluster_size;
 	}
+	/*
+	 * Pipelined in-order writes only into raw targets: a format that
+	 * allocates (qcow2) may yield between the allocations of one write, so
+	 * overlapping writes would make its layout depend on -m.
+	 */
+	s.pipelined = s.wr_in_order && !s.compressed && !strcmp(img_fmt_name(s.target), "raw");
 	s.alignment = pow2floor(s.min_sparse);
 	if (s.alignment < IMG_SECTOR)
 		s.alignment = IMG_SECTOR;
