@@ -279,6 +279,20 @@ struct vd_tracked {
  */
 void vd_bnode_track_begin(struct vd_bnode *bs, struct vd_tracked *t, uint64_t off, uint64_t len, bool serialising);
 void vd_bnode_track_end(struct vd_bnode *bs, struct vd_tracked *t);
+/*
+ * bs->size as requests read it: a resize (at home) may change it while
+ * requests from other threads look at it, so both sides go through these.
+ */
+static inline uint64_t vd_bnode_size(const struct vd_bnode *bs)
+{
+	return __atomic_load_n(&bs->size, __ATOMIC_RELAXED);
+}
+
+static inline void vd_bnode_set_size(struct vd_bnode *bs, uint64_t size)
+{
+	__atomic_store_n(&bs->size, size, __ATOMIC_RELAXED);
+}
+
 /* Is the calling thread bs's home (or may bs's requests run in any thread)? */
 bool vd_bnode_runs_here(const struct vd_bnode *bs);
 /* For messages: the node-name, else the filename, else the format name. */

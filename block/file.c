@@ -135,7 +135,7 @@ static int read_limits(struct vd_bnode *bs, struct file_state *st, struct vdisk 
 		ret = vdisk_get_int(v, "max-segments", &st->max_segments);
 	if (ret < 0)
 		return ret;
-	bs->size = capacity;
+	vd_bnode_set_size(bs, capacity);
 	bs->request_alignment = align > 1 ? (uint32_t)align : 1;
 	bs->max_transfer = max_transfer > 0 ? (uint32_t)max_transfer : 0;
 	st->buf_align = buf_align > 1 ? (uint32_t)buf_align : 1;
@@ -426,7 +426,7 @@ static int rw_bounced(struct vd_bnode *bs, bool write, uint64_t off, uint64_t le
 static int read_past_eof(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off)
 {
 	struct file_state *st = bs->opaque;
-	uint64_t avail = off < bs->size ? bs->size - off : 0;
+	uint64_t size = vd_bnode_size(bs), avail = off < size ? size - off : 0;
 	void *buf = vd_blk_alloc(len);
 	ssize_t n = 0;
 
@@ -450,11 +450,11 @@ static int file_rw(struct vd_bnode *bs, bool write, uint64_t off, uint64_t len, 
 	struct vd_qiov slice;
 	int ret;
 
-	if (off + len > bs->size) {
+	if (off + len > vd_bnode_size(bs)) {
 		if (!write)
 			return read_past_eof(bs, off, len, qiov, qiov_off);
 		return vd_error(EINVAL, "file '%s': cannot write the partial last block with O_DIRECT (size %" PRIu64
-				" is not a multiple of %" PRIu32 ")", bs->filename, bs->size, bs->request_alignment);
+				" is not a multiple of %" PRIu32 ")", bs->filename, vd_bnode_size(bs), bs->request_alignment);
 	}
 	vd_qiov_init(&slice);
 	ret = vd_qiov_add_slice(&slice, qiov, qiov_off, len);

@@ -127,9 +127,11 @@ static int route(struct vd_bnode *bs)
 
 static int check_range(struct vd_bnode *bs, const char *op, uint64_t off, uint64_t len)
 {
-	if (off > bs->size || len > bs->size - off)
+	uint64_t size = vd_bnode_size(bs);
+
+	if (off > size || len > size - off)
 		return vd_error(EINVAL, "node '%s': %s of [%" PRIu64 ", +%" PRIu64 ") is past the end (size %" PRIu64 ")",
-				vd_bnode_name(bs), op, off, len, bs->size);
+				vd_bnode_name(bs), op, off, len, size);
 	return 0;
 }
 
@@ -680,6 +682,7 @@ int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, ui
 	struct vd_bnode *local_file = NULL;
 	struct vd_tracked t;
 	bool guarded;
+	uint64_t size;
 	int ret = route(bs);
 
 	if (ret > 0)
@@ -688,10 +691,11 @@ int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, ui
 	if (ret < 0)
 		return ret;
 	*pnum = 0;
-	if (off >= bs->size)
+	size = vd_bnode_size(bs);
+	if (off >= size)
 		return VD_BS_EOF;
-	if (len > bs->size - off)
-		len = bs->size - off;
+	if (len > size - off)
+		len = size - off;
 	if (len == 0)
 		return 0;
 	guarded = guard_begin(bs, &t, off, len);
@@ -701,7 +705,7 @@ int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, ui
 	if (ret < 0)
 		return ret;
 	ret = add_allocation(bs, off, ret & ~VD_BS_RECURSE);
-	if (off + n == bs->size)
+	if (off + n == size)
 		ret |= VD_BS_EOF;
 	*pnum = n;
 	if (map)

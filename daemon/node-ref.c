@@ -122,7 +122,7 @@ static int ref_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const ch
 {
 	int ret = vd_bnode_co_truncate(target(bs), size, exact, prealloc);
 
-	bs->size = target(bs)->size;
+	vd_bnode_set_size(bs, vd_bnode_size(target(bs)));
 	return ret;
 }
 

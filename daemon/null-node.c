@@ -96,7 +96,7 @@ static int null_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, ui
 static int null_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const char *prealloc)
 {
 	(void)exact, (void)prealloc;
-	bs->size = size;
+	vd_bnode_set_size(bs, size);
 	return 0;
 }
 

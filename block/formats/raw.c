@@ -90,7 +90,7 @@ static int raw_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const ch
 		return vd_error(ENOTSUP, "raw '%s': cannot resize a window (offset/size options)", vd_bnode_name(bs));
 	ret = vd_bnode_co_truncate(bs->file, size, exact, prealloc);
 	if (ret == 0)
-		bs->size = bs->file->size;
+		vd_bnode_set_size(bs, vd_bnode_size(bs->file));
 	return ret;
 }
 
