@@ -193,8 +193,16 @@ int vdd_iothread_add(json_t *opts, char **errp)
 	}
 	pthread_mutex_init(&t->ready_lock, NULL);
 	pthread_cond_init(&t->ready_cond, NULL);
-	/* Signals go to the main thread's signalfd only. */
+	/*
+	 * Signals go to the main thread's signalfd only, except the faults a
+	 * thread raises itself: a blocked SIGBUS is fatal whatever its handler
+	 * (the vhost-user-blk export's guard for shrunk guest memory needs it).
+	 */
 	sigfillset(&all);
+	sigdelset(&all, SIGBUS);
+	sigdelset(&all, SIGSEGV);
+	sigdelset(&all, SIGFPE);
+	sigdelset(&all, SIGILL);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
 	ret = pthread_create(&t->pthread, NULL, iothread_main, t);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);

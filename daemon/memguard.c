@@ -85,7 +85,8 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
 {
 	int saved_errno = errno;
 
-	if (si->si_code > 0 && fix_fault((uintptr_t)si->si_addr)) {
+	/* Only an access past the end of a mapped file (BUS_ADRERR) can be a shrunk region; not memory errors. */
+	if (si->si_code == BUS_ADRERR && fix_fault((uintptr_t)si->si_addr)) {
 		errno = saved_errno;
 		return; /* the access runs again on the anonymous pages */
 	}
@@ -94,10 +95,13 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
 	} else if (previous.sa_handler != SIG_DFL && previous.sa_handler != SIG_IGN) {
 		previous.sa_handler(sig);
 	} else {
-		/* What would have happened without us: the fault repeats (or the signal comes again) and kills. */
+		/*
+		 * What would have happened without us: the default action, and
+		 * the guard is not left uninstalled behind a survivor.  raise()
+		 * delivers once this handler returns (the signal is blocked here).
+		 */
 		signal(sig, SIG_DFL);
-		if (si->si_code <= 0)
-			raise(sig);
+		raise(sig);
 	}
 	errno = saved_errno;
 }

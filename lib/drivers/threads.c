@@ -197,8 +197,12 @@ static int th_start(struct vdisk *v)
 	s->stop = false;
 	s->running = true;
 
-	/* Workers never take the application's signals. */
+	/* Workers never take the application's signals, only faults of their own (blocking those is fatal). */
 	sigfillset(&all);
+	sigdelset(&all, SIGBUS);
+	sigdelset(&all, SIGSEGV);
+	sigdelset(&all, SIGFPE);
+	sigdelset(&all, SIGILL);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
 	for (int i = 0; i < s->num_threads; i++) {
 		err = pthread_create(&s->workers[i], NULL, th_worker, v);
