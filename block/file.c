@@ -25,12 +25,16 @@
  * node must keep its loop until the node is closed (vdiskd stops its
  * iothreads after closing every node).
  *
- * libvdisk has no resize, so co_truncate (always at home) drains the node
- * -- every slot's requests: each slot counts its requests in flight, a
+ * co_truncate runs at home.  Growing resizes the file through a plain fd
+ * and has the home instance read its size again (vdisk_refresh_capacity):
+ * requests in flight are all below the old end, so nothing is drained and
+ * nothing waits; the other slots refresh theirs on their next request
+ * (st->size_gen).  Shrinking (or an instance that cannot refresh) drains the
+ * node -- every slot's requests: each slot counts its requests in flight, a
  * request that finds `resizing` set backs out and waits -- resizes the file
- * through a plain fd and restarts the home instance, which sees the new
- * capacity; the other slots restart on their next request (st->gen).  The
- * same plain fd (never O_DIRECT) answers block status with
+ * and restarts the home instance, which sees the new capacity; the other
+ * slots restart on their next request (st->gen).  The same plain fd (never
+ * O_DIRECT) answers block status with
  * SEEK_DATA/SEEK_HOLE.
  */
 #include <fcntl.h>
@@ -51,6 +55,7 @@ struct file_slot {
 	struct vdisk *v;
 	struct vdiskq *q;     /* NULL: not started, or a (re)start failed */
 	unsigned gen;         /* st->gen the instance was started for */
+	unsigned size_gen;    /* st->size_gen its capacity was read for */
 	unsigned in_flight;   /* atomic: the resizer reads it from the home thread */
 };
 
@@ -62,7 +67,8 @@ struct file_state {
 
 	struct file_slot slots[FILE_MAX_THREADS];
 	int n_slots;   /* atomic: slots published so far */
-	unsigned gen;  /* atomic: bumped by every resize */
+	unsigned gen;  /* atomic: bumped by every resize that restarts the home instance */
+	unsigned size_gen; /* atomic: bumped by every growth in place */
 
 	/* Resizing drains the node: requests wait while it runs.  Under lock. */
 	pthread_mutex_t lock;
@@ -319,7 +325,7 @@ static void io_end(struct file_state *st, struct file_slot *slot)
 static struct file_slot *io_begin(struct vd_bnode *bs, struct file_state *st)
 {
 	struct file_slot *slot = my_slot(bs, st);
-	unsigned gen;
+	unsigned gen, size_gen;
 
 	if (!slot)
 		return NULL;
@@ -332,13 +338,23 @@ static struct file_slot *io_begin(struct vd_bnode *bs, struct file_state *st)
 	}
 	/* No resize can start its restart while we count as in flight. */
 	gen = __atomic_load_n(&st->gen, __ATOMIC_ACQUIRE);
-	if (slot->q && slot->gen == gen)
-		return slot;
+	/* Pairs with grow_in_place(): a node size this request was checked against implies its generation. */
+	__atomic_thread_fence(__ATOMIC_ACQUIRE);
+	size_gen = __atomic_load_n(&st->size_gen, __ATOMIC_RELAXED);
+	if (slot->q && slot->gen == gen) {
+		/* The file grew since this instance last looked: it reads the size again. */
+		if (slot->size_gen != size_gen && vdisk_refresh_capacity(slot->v) == 0)
+			slot->size_gen = size_gen;
+		if (slot->size_gen == size_gen)
+			return slot;
+	}
 	if (slot != &st->slots[0]) {
 		if (slot->v)
 			stop_instance(slot);
-		if (start_instance(bs, st, slot, false) == 0)
+		if (start_instance(bs, st, slot, false) == 0) {
 			slot->gen = gen;
+			slot->size_gen = size_gen;
+		}
 	}
 	if (!slot->q) {
 		vd_error_prefix(EIO, "file '%s': cannot start I/O in this thread: ", bs->filename);
@@ -621,16 +637,51 @@ static void drain_end(struct file_state *st)
 	pthread_mutex_unlock(&st->lock);
 }
 
+/*
+ * Grow without draining: resize_file() does not yield, so no request of the
+ * home thread starts meanwhile, and those in flight (in any thread) are
+ * below the old end.  Returns false when the home instance cannot see the
+ * new size (then it must be restarted); *ret is resize_file()'s result.
+ */
+static bool grow_in_place(struct vd_bnode *bs, struct file_state *st, uint64_t size, const char *prealloc,
+			  int *ret)
+{
+	struct file_slot *home = &st->slots[0];
+	uint64_t capacity;
+
+	*ret = resize_file(bs, st, size, prealloc);
+	/* Refresh even after a failed resize: the file may have grown anyway. */
+	if (vdisk_refresh_capacity(home->v) < 0 || vdisk_get_uint64(home->v, "capacity", &capacity) < 0)
+		return false;
+	/*
+	 * The new generation before the new node size (release fence), so that
+	 * a thread that saw the size and then fences in io_begin() sees the
+	 * generation and refreshes its own instance before it submits.
+	 */
+	home->size_gen = __atomic_add_fetch(&st->size_gen, 1, __ATOMIC_RELAXED);
+	__atomic_thread_fence(__ATOMIC_RELEASE);
+	vd_bnode_set_size(bs, capacity);
+	return true;
+}
+
 static int file_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const char *prealloc)
 {
 	struct file_state *st = bs->opaque;
 	struct file_slot *home = &st->slots[0];
-	int ret;
+	bool resized = false;
+	int ret = 0;
 
-	if (!exact && size <= bs->size)
+	if (!exact && size <= vd_bnode_size(bs))
 		return 0; /* "at least size" already holds */
+	wait_resize(st); /* a shrink in progress */
+	if (size >= vd_bnode_size(bs) && home->q) {
+		if (grow_in_place(bs, st, size, prealloc, &ret))
+			return ret;
+		resized = true; /* the instance did not take it: restart below */
+	}
 	drain_begin(st);
-	ret = resize_file(bs, st, size, prealloc);
+	if (!resized)
+		ret = resize_file(bs, st, size, prealloc);
 	/* Restart even after a failed resize: the file may have changed size anyway. */
 	stop_instance(home);
 	if (start_instance(bs, st, home, true) < 0 && ret == 0)
@@ -638,6 +689,7 @@ static int file_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const c
 	/* The other threads' instances still have the old capacity: they restart on their next request. */
 	__atomic_add_fetch(&st->gen, 1, __ATOMIC_RELEASE);
 	home->gen = st->gen;
+	home->size_gen = __atomic_load_n(&st->size_gen, __ATOMIC_ACQUIRE);
 	drain_end(st);
 	return ret;
 }

@@ -93,6 +93,20 @@ int vdisk_connect(struct vdisk *v);
  */
 int vdisk_start(struct vdisk *v);
 
+/*
+ * Read the size of the file or block device again, after it grew (e.g. the
+ * caller extended the file with ftruncate()), so that requests up to the new
+ * end are accepted; requests in flight are not disturbed.  Connected or
+ * started instances of the file drivers (io_uring, linux-aio, posix-aio,
+ * threads, sync).  Returns 0 (capacity is the new size), -ENOTSUP (driver
+ * without a local file: null, nbd, virtio-blk-vhost-user), -EINVAL (wrong
+ * state, or the size shrank: requests in flight could be past the new end,
+ * so that needs a new instance), or the errno of fstat/ioctl.  Queues on
+ * other threads see the new capacity for requests they enqueue after they
+ * have synchronised with this call's thread.
+ */
+int vdisk_refresh_capacity(struct vdisk *v);
+
 /* Stop all I/O, free the instance and set *v to NULL.  NULL is fine. */
 void vdisk_destroy(struct vdisk **v);
 

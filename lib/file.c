@@ -206,6 +206,21 @@ fail:
 	return ret;
 }
 
+int vd_file_size(struct vdisk *v, const char *who, uint64_t *size)
+{
+	struct stat st;
+
+	if (fstat(v->dev_fd, &st) < 0)
+		return vd_error(errno, "%s: fstat: %s", who, strerror(errno));
+	if (S_ISBLK(st.st_mode)) {
+		if (ioctl(v->dev_fd, BLKGETSIZE64, size) < 0)
+			return vd_error(errno, "%s: BLKGETSIZE64: %s", who, strerror(errno));
+		return 0;
+	}
+	*size = (uint64_t)st.st_size;
+	return 0;
+}
+
 void vd_file_close(struct vdisk *v)
 {
 	if (v->dev_fd >= 0 && v->owns_dev_fd)

@@ -213,6 +213,8 @@ void vd_queue_free(struct vdiskq *q);
 /* Open path/fd per read-only/direct, fill capacity and limits. */
 int vd_file_connect(struct vdisk *v, const char *who);
 void vd_file_close(struct vdisk *v);
+/* The file's or device's size now (for vdisk_refresh_capacity). */
+int vd_file_size(struct vdisk *v, const char *who, uint64_t *size);
 /* Do one request synchronously on v->dev_fd; returns 0 or -errno (msg in r). */
 int vd_file_execute(struct vdisk *v, struct vd_request *r);
 /* Individual operations, also usable by async drivers for their fallbacks. */

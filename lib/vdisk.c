@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* Instance lifecycle: create, connect, start, destroy; the driver table. */
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -197,6 +198,28 @@ VD_EXPORT void vdisk_destroy(struct vdisk **vp)
 	free(v->priv);
 	free(v);
 	*vp = NULL;
+}
+
+VD_EXPORT int vdisk_refresh_capacity(struct vdisk *v)
+{
+	static const char who[] = "vdisk_refresh_capacity";
+	uint64_t size;
+	int ret;
+
+	if (!v || (v->state != VD_CONNECTED && v->state != VD_STARTED))
+		return vd_error(EINVAL, "%s: the instance is not connected", who);
+	if (v->dev_fd < 0)
+		return vd_error(ENOTSUP, "%s: driver '%s' has no local file whose size could change", who,
+				v->drv->name);
+	ret = vd_file_size(v, who, &size);
+	if (ret < 0)
+		return ret;
+	if (size < v->capacity)
+		return vd_error(EINVAL, "%s: the size shrank from %" PRIu64 " to %" PRIu64 " bytes (requests in flight "
+				"may be past the new end: start a new instance)", who, v->capacity, size);
+	/* Queue threads read capacity when they validate a request. */
+	__atomic_store_n(&v->capacity, size, __ATOMIC_RELEASE);
+	return 0;
 }
 
 VD_EXPORT struct vdiskq *vdisk_get_queue(struct vdisk *v, int index)

@@ -288,6 +288,55 @@ static void truncate_grows_the_node(void **state)
 	assert_int_equal(vd_bnode_pread(f->bs, 2 * FILE_SIZE - 1, r, 2), -EINVAL);
 }
 
+struct co_op {
+	struct vd_bnode *bs;
+	uint64_t off;
+	uint8_t *buf;
+	int ret;
+	bool done;
+};
+
+static void co_read(void *opaque)
+{
+	struct co_op *o = opaque;
+
+	o->ret = vd_bnode_co_pread(o->bs, o->off, o->buf, 4096);
+	o->done = true;
+}
+
+static void co_grow(void *opaque)
+{
+	struct co_op *o = opaque;
+
+	o->ret = vd_bnode_co_truncate(o->bs, o->off, false, "off");
+	o->done = true;
+}
+
+/* Growing the file neither drains the node nor waits for a request in flight. */
+static void growth_does_not_wait_for_requests_in_flight(void **state)
+{
+	struct fixture *f = *state;
+	uint8_t *buf = vd_blk_alloc(4096), w[4096];
+	struct co_op rd = { .bs = f->bs, .off = 4096, .buf = buf }, gr = { .bs = f->bs, .off = 3 * FILE_SIZE };
+
+	assert_non_null(buf);
+	vd_co_enter(vd_co_create(co_read, &rd));
+	assert_false(rd.done); /* waits for its completion */
+	vd_co_enter(vd_co_create(co_grow, &gr));
+	assert_true(gr.done); /* did not yield */
+	assert_int_equal(gr.ret, 0);
+	assert_false(rd.done);
+	while (!rd.done)
+		vd_loop_run_once(vd_loop_get(), true);
+	assert_int_equal(rd.ret, 0);
+	assert_int_equal(f->bs->size, 3 * FILE_SIZE);
+	fill(w, sizeof(w), 7);
+	assert_int_equal(vd_bnode_pwrite(f->bs, 3 * FILE_SIZE - 4096, w, 4096, 0), 0);
+	assert_int_equal(vd_bnode_pread(f->bs, 3 * FILE_SIZE - 4096, buf, 4096), 0);
+	assert_memory_equal(w, buf, 4096);
+	vd_blk_free(buf);
+}
+
 /* A file whose size is not a multiple of the O_DIRECT alignment still reads (and probes). */
 static void odd_sized_file_reads_under_o_direct(void **state)
 {
@@ -496,6 +545,7 @@ int main(void)
 		PER_CFG(block_status_sees_holes_and_data),
 		PER_CFG(write_zeroes_and_discard),
 		PER_CFG(truncate_grows_the_node),
+		PER_CFG(growth_does_not_wait_for_requests_in_flight),
 		PER_CFG(odd_sized_file_reads_under_o_direct),
 		PLAIN(raw_window_shifts_and_bounds),
 		PLAIN(invalid_requests_fail_with_a_message),
