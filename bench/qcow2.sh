@@ -20,10 +20,14 @@
 # An empty image is created afresh (by qemu-img) before every run.
 #
 # Convert cases, when `vdisk convert` exists (skipped with a note
-# otherwise): qcow2->raw, raw->qcow2 and raw->qcow2 -c of a CONVERT_SIZE
+# otherwise): qcow2->raw, raw->qcow2, raw->qcow2 -c (zlib) and, when qemu-img
+# can write zstd, raw->qcow2 -c with compression_type=zstd, of a CONVERT_SIZE
 # image that is half data (1 MiB of random data, then a 1 MiB hole, ...),
 # default cache modes (target unsafe) for both; each vdisk output is checked
-# with qemu-img compare (untimed).
+# with qemu-img compare (untimed).  Besides the wall time, the CPU time
+# (user + system, all threads including io_uring's workers, /usr/bin/time)
+# of each run is recorded: on a shared, loaded machine the wall time swings
+# with the load, the CPU time much less.
 #
 # Every case runs RUNS times per tool, alternating which goes first; the
 # medians are printed with ours/qemu ratios and appended to RESULTS.
@@ -103,6 +107,7 @@ check_setup() {
 	done
 	[[ $AIO =~ ^(io_uring|native|threads)$ ]] || die "AIO must be io_uring, native or threads, not '$AIO'"
 	"$QEMU_IMG" bench --help >/dev/null 2>&1 || die "'$QEMU_IMG bench' does not work"
+	[ -x /usr/bin/time ] || die "/usr/bin/time is needed for the CPU times (apt-get install time)"
 }
 
 check_space() {
@@ -183,6 +188,9 @@ all_cases() {
 	echo "convert|convert qcow2 -> raw|qcow2|raw|"
 	echo "convert|convert raw -> qcow2|raw|qcow2|"
 	echo "convert|convert raw -> qcow2 -c|raw|qcow2|-c"
+	if [ "${HAVE_ZSTD:-0}" = 1 ]; then
+		echo "convert|convert raw -> qcow2 -c zstd|raw|qcow2|-c -o compression_type=zstd"
+	fi
 }
 
 selected_cases() {
@@ -211,9 +219,10 @@ run_vdisk_convert() { # out src_fmt src dst_fmt extra
 	local t0
 	rm -f "$CONV_OUT"
 	t0=$(date +%s.%N)
-	# shellcheck disable=SC2086 # $5 is zero or one option
-	"$VDISK" convert -f "$2" -O "$4" $5 "$3" "$CONV_OUT" >"$1.err" 2>&1 || return 1
-	echo "$t0 $(date +%s.%N)" >"$1"
+	# shellcheck disable=SC2086 # $5 is zero or more options
+	/usr/bin/time -f "%U %S" -o "$1.cpu" "$VDISK" convert -f "$2" -O "$4" $5 "$3" "$CONV_OUT" >"$1.err" 2>&1 ||
+		return 1
+	echo "$t0 $(date +%s.%N) $(cat "$1.cpu")" >"$1"
 	# Fast but wrong would not count: the copy must read back as the source (not timed).
 	"$QEMU_IMG" compare -q -f "$2" -F "$4" "$3" "$CONV_OUT" >>"$1.err" 2>&1 ||
 		{ echo "vdisk convert output differs from its source (qemu-img compare)" >>"$1.err"; return 1; }
@@ -224,11 +233,12 @@ run_qemu_convert() { # out src_fmt src dst_fmt extra
 	rm -f "$CONV_OUT"
 	t0=$(date +%s.%N)
 	# shellcheck disable=SC2086
-	"$QEMU_IMG" convert -f "$2" -O "$4" $5 "$3" "$CONV_OUT" >"$1.err" 2>&1 || return 1
-	echo "$t0 $(date +%s.%N)" >"$1"
+	/usr/bin/time -f "%U %S" -o "$1.cpu" "$QEMU_IMG" convert -f "$2" -O "$4" $5 "$3" "$CONV_OUT" >"$1.err" 2>&1 ||
+		return 1
+	echo "$t0 $(date +%s.%N) $(cat "$1.cpu")" >"$1"
 }
 
-# The value of one run: IOPS for bench, seconds for convert.
+# The value of one run: IOPS for bench, "wall,cpu" seconds for convert.
 extract() { # kind tool out count
 	"$PY" - "$@" <<'EOF'
 import json, re, sys
@@ -236,8 +246,8 @@ import json, re, sys
 kind, tool, path, count = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 text = open(path).read()
 if kind == "convert":
-    t0, t1 = map(float, text.split())
-    print(f"{t1 - t0:.3f}")
+    t0, t1, user, system = map(float, text.split())
+    print(f"{t1 - t0:.3f},{user + system:.3f}")
 elif tool == "vdisk":
     d = json.loads(text)
     if d["ios"] != int(count):
@@ -297,6 +307,16 @@ check_vdisk_qcow2() {
 	fi
 }
 
+# zstd: qemu-img may be built without it.
+HAVE_ZSTD=0
+check_zstd() {
+	if "$QEMU_IMG" create -q -f qcow2 -o compression_type=zstd "$WORK/zstd.qcow2" 1M >/dev/null 2>&1; then
+		HAVE_ZSTD=1
+	else
+		note "convert -c zstd case skipped: this qemu-img cannot create zstd-compressed qcow2"
+	fi
+}
+
 HAVE_CONVERT=1
 check_vdisk_convert() {
 	if ! "$VDISK" convert --help >/dev/null 2>&1; then
@@ -349,10 +369,14 @@ for line in open(raw):
     kind, name, tool, val, *why = line.rstrip("\n").split("\t")
     if name not in runs:
         order.append(name)
-        runs[name] = {"vdisk": [], "qemu": [], "err": {}}
+        runs[name] = {"vdisk": [], "qemu": [], "vdisk cpu": [], "qemu cpu": [], "err": {}}
         kinds[name] = kind
     if val == "fail":
         runs[name]["err"][tool] = why[0] if why else "?"
+    elif kind == "convert":
+        wall, cpu = val.split(",")
+        runs[name][tool].append(float(wall))
+        runs[name][tool + " cpu"].append(float(cpu))
     else:
         runs[name][tool].append(float(val))
 
@@ -367,7 +391,7 @@ def ratio(a, b):
 
 tables = {
     "bench": (["case", "vdisk IOPS", "qemu IOPS", "IOPS vdisk/qemu"], 0),
-    "convert": (["case", "vdisk s", "qemu s", "time vdisk/qemu"], 2),
+    "convert": (["case", "vdisk s", "qemu s", "time vdisk/qemu", "vdisk CPU s", "qemu CPU s", "CPU vdisk/qemu"], 2),
 }
 out_tables, notes, failed = [], [], False
 for kind, (cols, digits) in tables.items():
@@ -377,7 +401,11 @@ for kind, (cols, digits) in tables.items():
             continue
         r = runs[name]
         o, q = med(r["vdisk"]), med(r["qemu"])
-        rows.append([name, fmt(o, digits), fmt(q, digits), ratio(o, q)])
+        row = [name, fmt(o, digits), fmt(q, digits), ratio(o, q)]
+        if kind == "convert":
+            oc, qc = med(r["vdisk cpu"]), med(r["qemu cpu"])
+            row += [fmt(oc, digits), fmt(qc, digits), ratio(oc, qc)]
+        rows.append(row)
         for tool, msg in r["err"].items():
             failed = True
             notes.append(f"{name}: {tool} failed: {msg}")
@@ -407,7 +435,8 @@ if results != "-":
                 "(qcow2, 64 KiB clusters: every 4 KiB write allocates a cluster and copies the rest\n"
                 "of it), \"old\" ones to allocated clusters. IOPS vdisk/qemu above 1: vdisk faster.\n"
                 "Convert rows: seconds (median) of `vdisk convert` and `qemu-img convert` on a\n"
-                "half-full image; time vdisk/qemu below 1: vdisk faster.\n\n")
+                "half-full image, wall and CPU (user + system, all threads); time vdisk/qemu\n"
+                "below 1: vdisk faster.\n\n")
         for m in meta:
             f.write(f"- {m}\n")
         for cols, rows in out_tables:
@@ -430,7 +459,7 @@ describe_machine() {
 	echo "machine: $(nproc) CPUs (${cpu:-unknown CPU}), Linux $(uname -r)"
 	echo "images: $SIZE on $BENCH_DIR ($fs); reads: $COUNT requests; writes: $(($(mib "$SIZE") * 16)) requests;" \
 		"aio=$AIO; convert source: $CONVERT_SIZE, half data"
-	echo "runs: $RUNS per tool and case"
+	echo "runs: $RUNS per tool and case; load average (1/5/15 min) at the start: $LOAD_START, at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 	echo "tools: $("$VDISK" --version) (commit $commit), $("$QEMU_IMG" --version | head -n 1)"
 	for n in "${NOTES[@]}"; do
 		echo "$n"
@@ -452,6 +481,8 @@ main() {
 	: >"$RAW"
 	check_vdisk_qcow2
 	check_vdisk_convert
+	check_zstd
+	LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 	run_cases
 	mapfile -t meta < <(describe_machine)
 	report "$(date '+%Y-%m-%d %H:%M') — qcow2.sh: block layer vs qemu-img — ${ONLY:+ONLY=$ONLY, }RUNS=$RUNS SIZE=$SIZE" \
