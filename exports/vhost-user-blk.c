@@ -434,8 +434,8 @@ static void push_used(struct vub_vq *vq, uint16_t head, uint32_t len)
 	e->id = head;
 	e->len = len;
 	if (t) {
-		__atomic_store_n(&t->desc[head].next, __atomic_load_n(&t->last_batch_head, __ATOMIC_RELAXED),
-				 __ATOMIC_RELAXED);
+		/* Every completion is a batch of its own: the chain ends at head (track_recover clears only it). */
+		__atomic_store_n(&t->desc[head].next, head, __ATOMIC_RELAXED);
 		__atomic_store_n(&t->last_batch_head, head, __ATOMIC_RELAXED);
 	}
 	__atomic_store_n(&vq->used->idx, ++vq->used_idx, __ATOMIC_RELEASE);
@@ -684,6 +684,8 @@ static void req_done(struct vub_req *r, uint8_t status, uint32_t written)
 	vq->free_reqs = r;
 	vq->inflight--;
 	vq->lane->inflight--;
+	if (vq->inflight == 0 && !vq->started)
+		vq->track = NULL; /* a stopped ring (kick fd hung up) stops tracking once idle */
 	if (vq->inflight == 0)
 		vd_co_queue_wake_all(&vq->drained);
 	if (vq->lane->inflight == 0)
@@ -708,6 +710,9 @@ static void req_co(void *opaque)
 		vd_qiov_to_buf(&r->out, 0, &h, sizeof(h));
 		op = io_op(h.type);
 		status = serve(r, h.type, h.sector, &written);
+		/* memguard replaced pages of the front end's memory with zeroes: what we copied may be them. */
+		if (status == VIRTIO_BLK_S_OK && memory_faulted(r->vq->c))
+			status = VIRTIO_BLK_S_IOERR;
 	}
 	t_end = vdd_now_ns();
 	if (op != VD_IO__MAX) {
@@ -849,6 +854,8 @@ static void kick_event(void *opaque, int fd, int revents)
 	/* An eventfd never hangs up or reads EOF; anything else (a pipe whose writer left) would wake us forever. */
 	if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR) || (!(revents & POLLIN) && revents)) {
 		vq_stop_kick(vq);
+		if (!vq->inflight)
+			vq->track = NULL; /* else the last completion clears it (req_done) */
 		vq_fail(vq, "the kick fd hung up or failed");
 		return;
 	}
@@ -1051,12 +1058,14 @@ static int track_recover(struct vub_vq *vq, struct vhu_inflight_split *t, uint16
 	unsigned n = 0;
 
 	if (last_used != used) {
-		uint16_t batch = (uint16_t)(used - last_used), h = __atomic_load_n(&t->last_batch_head, __ATOMIC_RELAXED);
+		/*
+		 * Our batches are of one head (push_used): only the last one can have been published without its
+		 * flag cleared.  Following next further (by used - last_used) could clear heads really in flight.
+		 */
+		uint16_t h = __atomic_load_n(&t->last_batch_head, __ATOMIC_RELAXED);
 
-		for (unsigned k = 0; k < batch && k < vq->num && h < vq->num; k++) {
+		if (h < vq->num)
 			__atomic_store_n(&t->desc[h].inflight, 0, __ATOMIC_RELAXED);
-			h = __atomic_load_n(&t->desc[h].next, __ATOMIC_RELAXED);
-		}
 		__atomic_store_n(&t->used_idx, used, __ATOMIC_RELEASE);
 	}
 	list = malloc(sizeof(*list) * vq->num);
@@ -1075,13 +1084,18 @@ static int track_recover(struct vub_vq *vq, struct vhu_inflight_split *t, uint16
 		}
 		list[n].head = (uint16_t)h;
 		list[n].counter = __atomic_load_n(&t->desc[h].counter, __ATOMIC_RELAXED);
-		if (list[n].counter >= vq->ifl_counter)
-			vq->ifl_counter = list[n].counter + 1;
 		n++;
 	}
 	qsort(list, n, sizeof(*list), by_counter);
-	for (unsigned i = 0; i < n; i++)
+	/*
+	 * The counters come from shared memory (any value, UINT64_MAX included): number the heads in flight
+	 * 1..n in their order, so the heads we take next (n + 1 on) are newer without ever wrapping.
+	 */
+	for (unsigned i = 0; i < n; i++) {
 		vq->resubmit[i] = list[i].head;
+		__atomic_store_n(&t->desc[list[i].head].counter, (uint64_t)i + 1, __ATOMIC_RELAXED);
+	}
+	vq->ifl_counter = (uint64_t)n + 1;
 	free(list);
 	vq->nresubmit = n;
 	vq->resubmit_pos = 0;
@@ -1398,6 +1412,18 @@ static void conn_pause(struct vub_conn *c)
 		lane_call(&c->e->lanes[i], lane_pause_fn, &c->e->lanes[i]);
 }
 
+static void lane_resume_fn(void *opaque)
+{
+	lane_resume(opaque);
+}
+
+/* From the control channel: let every lane serve its rings again. */
+static void conn_resume(struct vub_conn *c)
+{
+	for (unsigned i = 0; i < c->e->nlanes; i++)
+		lane_call(&c->e->lanes[i], lane_resume_fn, &c->e->lanes[i]);
+}
+
 typedef int (*vub_handler)(struct vub_conn *c, struct vub_msg *m, const char **why);
 
 struct lane_msg {
@@ -1571,9 +1597,53 @@ static int h_vring_base(struct vub_conn *c, struct vub_msg *m, const char **why)
 
 	if (need_payload(m, sizeof(m->p.state), why) < 0 || !(vq = msg_vq(c, m->p.state.index, why)))
 		return -EPROTO;
+	if (vq->started) {
+		*why = "SET_VRING_BASE on a running ring";
+		return -EPROTO;
+	}
 	vq->last_avail = (uint16_t)m->p.state.num;
 	vq->used_idx = (uint16_t)m->p.state.num;
 	return 0;
+}
+
+/* Run the heads left to resubmit while the ring can serve them (GET_VRING_BASE must not count heads never run). */
+static void vq_finish_resubmit(struct vub_vq *vq)
+{
+	while (vq->resubmit_pos < vq->nresubmit && vq_ready(vq)) {
+		unsigned pos = vq->resubmit_pos;
+
+		take_requests(vq);
+		if (vq->inflight)
+			vq_wait_idle(vq);
+		else if (vq->resubmit_pos == pos)
+			break;
+	}
+}
+
+/* Complete the heads left to resubmit that the ring could not run (stopped, disabled, broken) with an error. */
+static void vq_fail_resubmit(struct vub_vq *vq)
+{
+	unsigned failed = 0;
+
+	while (vq->resubmit_pos < vq->nresubmit && vq->desc && vq->free_reqs && !conn_closing(vq->c)) {
+		uint16_t head = vq->resubmit[vq->resubmit_pos++];
+		struct vub_req *r = vq->free_reqs;
+		const char *why = NULL;
+
+		if (parse_chain(r, head, &why) < 0) {
+			push_used(vq, head, 0);
+		} else {
+			*r->status = VIRTIO_BLK_S_IOERR;
+			push_used(vq, head, 1);
+		}
+		failed++;
+	}
+	vq->resubmit_pos = vq->nresubmit;
+	if (failed) {
+		schedule_notify(vq);
+		vdd_log("vhost-user-blk export '%s': virtqueue %u stopped before resubmitting %u request%s: failed "
+			"them", vq->c->e->exp->id, vq->idx, failed, failed == 1 ? "" : "s");
+	}
 }
 
 /* GET_VRING_BASE, in the ring's lane: stop it; the answer replaces the request's payload. */
@@ -1583,9 +1653,12 @@ static int h_stop_vring(struct vub_conn *c, struct vub_msg *m, const char **why)
 
 	if (need_payload(m, sizeof(m->p.state), why) < 0 || !(vq = msg_vq(c, m->p.state.index, why)))
 		return -EPROTO;
+	vq_finish_resubmit(vq);
 	vq_stop_kick(vq);
 	/* The front end owns the ring again once we answer: finish what we took from it first. */
 	vq_wait_idle(vq);
+	vq_fail_resubmit(vq);
+	vq->track = NULL;
 	m->p.state.index = vq->idx;
 	m->p.state.num = vq->last_avail;
 	close_fd(&vq->call_fd);
@@ -1821,6 +1894,23 @@ static int h_set_inflight_fd(struct vub_conn *c, struct vub_msg *m, const char *
 		munmap(p, (size_t)len);
 		return MSG_FAILED;
 	}
+	/*
+	 * A ring that stopped (its kick fd hung up) may still have requests in flight whose completions write the
+	 * old area: pause every lane (they finish), refuse if a ring restarted meanwhile, and let no ring keep a
+	 * pointer into the area we unmap.
+	 */
+	conn_pause(c);
+	for (unsigned i = 0; i < c->e->num_queues; i++) {
+		if (c->vqs[i].started || c->vqs[i].inflight) {
+			conn_resume(c);
+			vdd_memguard_remove(guard);
+			munmap(p, (size_t)len);
+			vdd_log("vhost-user-blk export '%s': SET_INFLIGHT_FD while virtqueue %u runs: refused",
+				c->e->exp->id, i);
+			return MSG_FAILED;
+		}
+		c->vqs[i].track = NULL;
+	}
 	inflight_unmap(c);
 	c->ifl_map = p;
 	c->ifl_map_len = (size_t)len;
@@ -1828,6 +1918,24 @@ static int h_set_inflight_fd(struct vub_conn *c, struct vub_msg *m, const char *
 	c->ifl_guard = guard;
 	c->ifl_queues = in.num_queues;
 	c->ifl_qsize = in.queue_size;
+	conn_resume(c);
+	return 0;
+}
+
+/*
+ * SET_FEATURES: the lanes read event_idx and indirect on every request: change them only while every lane is
+ * paused, then let the rings look again (with or without EVENT_IDX, the next notification decision starts afresh).
+ */
+static int h_set_features(struct vub_conn *c, uint64_t features)
+{
+	conn_pause(c);
+	c->features = features;
+	c->features_set = true;
+	c->event_idx = features & BIT(VIRTIO_RING_F_EVENT_IDX);
+	c->indirect = features & BIT(VIRTIO_RING_F_INDIRECT_DESC);
+	for (unsigned i = 0; i < c->e->num_queues; i++)
+		c->vqs[i].signalled_valid = false;
+	conn_resume(c);
 	return 0;
 }
 
@@ -1883,7 +1991,9 @@ static int handle(struct vub_conn *c, struct vub_msg *m, bool *replied, const ch
 	case VHU_GET_INFLIGHT_FD:
 		if (c->proto & BIT(VHU_PF_INFLIGHT_SHMFD))
 			return h_get_inflight_fd(c, m, why);
-		break;
+		/* Its reply is an inflight description, never an ack: a front end that sends it unnegotiated is lost. */
+		*why = "GET_INFLIGHT_FD without INFLIGHT_SHMFD";
+		return -EPROTO;
 	}
 	*replied = false;
 	switch (m->hdr.request) {
@@ -1895,11 +2005,7 @@ static int handle(struct vub_conn *c, struct vub_msg *m, bool *replied, const ch
 				e->exp->id, m->p.u64 & ~e->offered);
 			return MSG_FAILED;
 		}
-		c->features = m->p.u64;
-		c->features_set = true;
-		c->event_idx = c->features & BIT(VIRTIO_RING_F_EVENT_IDX);
-		c->indirect = c->features & BIT(VIRTIO_RING_F_INDIRECT_DESC);
-		return 0;
+		return h_set_features(c, m->p.u64);
 	case VHU_SET_PROTOCOL_FEATURES:
 		if (need_payload(m, 8, why) < 0)
 			return -EPROTO;

@@ -278,7 +278,159 @@ def test_inflight_messages_need_the_protocol_feature(vdiskd):
     d = vdiskd(null=True)
     f = vhu.Frontend(d.sock)
     f.negotiate()  # without PF_INFLIGHT
+    # SET_INFLIGHT_FD has no reply of its own: an ack says it failed.
+    area = os.memfd_create("area")
+    os.ftruncate(area, 4096)
+    assert f.set_inflight(area, 4096) != 0
+    os.close(area)
+    # GET_INFLIGHT_FD's reply is an inflight description, never an ack: a front end sending it unnegotiated (even
+    # with NEED_REPLY) is hung up on, never answered with a u64 it would misread.
     f.send(vhu.GET_INFLIGHT_FD, inflight_payload(0, 1, QS), flags=vhu.FLAG_VERSION | vhu.FLAG_NEED_REPLY)
-    assert struct.unpack("<Q", f.recv(vhu.GET_INFLIGHT_FD))[0] != 0
+    assert f.hung_up(), "answered GET_INFLIGHT_FD without INFLIGHT_SHMFD"
     f.close()
+    d.wait_log("GET_INFLIGHT_FD without INFLIGHT_SHMFD")
+    still_serves(d)
+
+
+def crashed_state(f, heads, used=(), used_idx=None):
+    """Rings as a dead back end left them: heads taken (avail idx len(heads)), used the used ring's entries."""
+    q = dict(desc=0, avail=16 * QS, used=16 * 4096)
+    f.queues[0] = dict(num=QS, **q)
+    sts = {h: f.prepare(vhu.T_IN, h, in_len=512, head=h)[0] for h in heads}
+    del f.queues[0]
+    for i, h in enumerate(heads):
+        struct.pack_into("<H", f.mem, q["avail"] + 4 + 2 * i, h)
+    struct.pack_into("<H", f.mem, q["avail"] + 2, len(heads))
+    for i, h in enumerate(used):
+        struct.pack_into("<II", f.mem, q["used"] + 4 + 8 * i, h, 513)
+    struct.pack_into("<H", f.mem, q["used"] + 2, len(used) if used_idx is None else used_idx)
+    return q, sts
+
+
+def test_recovery_clears_only_the_last_batch(vdiskd):
+    """used->idx two ahead of the area's used_idx: only last_batch_head is known done.  Its next link (a chain
+    from an earlier batch) must not clear head 3, still in flight."""
+    d = vdiskd(null=True)
+    f = vhu.Frontend(d.sock)
+    f.negotiate(proto=PF_ALL)
+    size, _, fd = f.get_inflight(1, QS)
+    area = Area(fd, size)
+    crashed_state(f, (5, 6, 3, 0), used=(5, 6))
+    area.set_header(1, QS, 6, 0)
+    area.set_desc(6, 1, 3, 8)
+    area.set_desc(3, 1, 0, 9)
+    area.set_desc(0, 1, 0, 10)
+    assert f.set_inflight(fd, size) == 0
+    f.mem_table()
+    f.setup_queue(0, QS)
+    f.queues[0].update(avail_idx=4, used_seen=2)
+    assert used_entries(f, 2) == [3, 0]
+    assert f.used(timeout=0.3) is None
+    assert area.inflight_heads() == []
+    f.close()
+    os.close(fd)
+    still_serves(d)
+
+
+def test_huge_counter_from_the_area_keeps_the_order(vdiskd):
+    """A counter of UINT64_MAX in the area: the heads we take afterwards are still newer than those in flight."""
+    d = vdiskd(null=True, blockdev_opts="latency-ns=500000000")
+    f = vhu.Frontend(d.sock)
+    f.negotiate(proto=PF_ALL)
+    size, _, fd = f.get_inflight(1, QS)
+    area = Area(fd, size)
+    crashed_state(f, (3, 0))
+    area.set_header(1, QS, 0, 0)
+    area.set_desc(3, 1, 0, (1 << 64) - 1)
+    area.set_desc(0, 1, 0, 5)
+    assert f.set_inflight(fd, size) == 0
+    f.mem_table()
+    f.setup_queue(0, QS)
+    f.queues[0].update(avail_idx=2)
+    f.prepare(vhu.T_IN, 0, in_len=512, head=9)
+    f.post(9)
+    wait_for(lambda: area.desc(9)[0] == 1)
+    old = max(area.desc(3)[2], area.desc(0)[2])
+    assert area.desc(9)[2] > old, (area.desc(9), area.desc(3), area.desc(0))
+    assert sorted(used_entries(f, 3)) == [0, 3, 9]
+    assert area.inflight_heads() == []
+    f.close()
+    os.close(fd)
+    still_serves(d)
+
+
+def test_get_vring_base_before_resubmission_ran(vdiskd):
+    """A ring started (kick fd) but never enabled holds heads to resubmit: GET_VRING_BASE completes them (with an
+    error) before answering, so the base it returns counts no head the front end will never see used."""
+    d = vdiskd(null=True)
+    f = vhu.Frontend(d.sock)
+    f.negotiate(proto=PF_ALL)
+    size, _, fd = f.get_inflight(1, QS)
+    area = Area(fd, size)
+    q, sts = crashed_state(f, (3, 0))
+    area.set_header(1, QS, 0, 0)
+    area.set_desc(3, 1, 0, 1)
+    area.set_desc(0, 1, 0, 2)
+    assert f.set_inflight(fd, size) == 0
+    f.mem_table()
+    assert f.msg(vhu.SET_VRING_NUM, struct.pack("<II", 0, QS)) == 0
+    assert f.msg(vhu.SET_VRING_BASE, struct.pack("<II", 0, 0)) == 0
+    assert f.msg(vhu.SET_VRING_ADDR, struct.pack("<IIQQQQ", 0, 0, vhu.UVA + q["desc"], vhu.UVA + q["used"],
+                                                 vhu.UVA + q["avail"], 0)) == 0
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    assert f.msg(vhu.SET_VRING_CALL, struct.pack("<Q", 0), [call]) == 0
+    assert f.msg(vhu.SET_VRING_KICK, struct.pack("<Q", 0), [kick]) == 0
+    d.wait_log("resubmitting 2 requests")
+    f.send(vhu.GET_VRING_BASE, struct.pack("<II", 0, 0))
+    _, base = struct.unpack("<II", f.recv(vhu.GET_VRING_BASE))
+    used_idx = struct.unpack_from("<H", f.mem, q["used"] + 2)[0]
+    assert (base, used_idx) == (2, 2)
+    assert f.mem[sts[3]] == vhu.S_IOERR and f.mem[sts[0]] == vhu.S_IOERR
+    assert area.inflight_heads() == []
+    f.close()
+    os.close(call)
+    os.close(kick)
+    os.close(fd)
+    still_serves(d)
+
+
+def test_set_inflight_while_a_stopped_ring_has_requests_in_flight(vdiskd):
+    """The kick fd (a pipe) hangs up while a request waits in a slow node: the ring stops but the request still
+    completes into the inflight area.  A new SET_INFLIGHT_FD waits for it before unmapping the old area."""
+    d = vdiskd(null=True, size=16 * MiB, blockdev_opts="latency-ns=1000000000")
+    f = vhu.Frontend(d.sock)
+    f.negotiate(proto=PF_ALL)
+    size, _, fd = f.get_inflight(1, QS)
+    assert f.set_inflight(fd, size) == 0
+    f.mem_table()
+    desc, avail, used = 0, 16 * QS, 16 * 4096
+    assert f.msg(vhu.SET_VRING_NUM, struct.pack("<II", 0, QS)) == 0
+    assert f.msg(vhu.SET_VRING_BASE, struct.pack("<II", 0, 0)) == 0
+    assert f.msg(vhu.SET_VRING_ADDR, struct.pack("<IIQQQQ", 0, 0, vhu.UVA + desc, vhu.UVA + used,
+                                                 vhu.UVA + avail, 0)) == 0
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    r, w = os.pipe()
+    assert f.msg(vhu.SET_VRING_CALL, struct.pack("<Q", 0), [call]) == 0
+    assert f.msg(vhu.SET_VRING_KICK, struct.pack("<Q", 0), [r]) == 0
+    os.close(r)
+    assert f.msg(vhu.SET_VRING_ENABLE, struct.pack("<II", 0, 1)) == 0
+    f.queues[0] = dict(num=QS, desc=desc, avail=avail, used=used, kick=call, call=os.dup(call), avail_idx=0,
+                       used_seen=0)
+    st, _, _ = f.prepare(vhu.T_IN, 0, in_len=4096, head=0)
+    struct.pack_into("<H", f.mem, avail + 4, 0)
+    struct.pack_into("<H", f.mem, avail + 2, 1)
+    os.write(w, b"x")  # the request goes into the slow node
+    time.sleep(0.3)
+    os.close(w)  # the ring stops, the request is still in flight
+    d.wait_log("kick fd hung up")
+    size2, _, fd2 = f.get_inflight(1, QS)
+    assert f.set_inflight(fd2, size2) == 0
+    assert d.alive
+    assert f.used(timeout=5) == (0, 4097)
+    assert f.mem[st] == vhu.S_OK
+    assert f.get_u64(vhu.GET_QUEUE_NUM) == 1
+    f.close()
+    os.close(fd)
+    os.close(fd2)
     still_serves(d)
