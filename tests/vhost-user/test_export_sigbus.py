@@ -75,3 +75,31 @@ def test_truncated_while_requests_wait(vdiskd):
     os.ftruncate(f.memfd, 0)
     # The completions (status bytes, used ring) hit the missing pages once the node answers.
     expect_reset(d, f)
+
+
+def test_write_from_truncated_buffer_fails(vdiskd, image):
+    """An O_DIRECT node bounces a misaligned write buffer: the daemon's own copy faults on the truncated pages
+    (a second memory region), memguard gives it zeroes, and the request must complete with an I/O error, never as
+    a successful write of zeroes."""
+    d = vdiskd(image(16 * MiB), blockdev_opts="cache.direct=on")
+    f = vhu.Frontend(d.sock)
+    f.negotiate()
+    second = os.memfd_create("second")
+    os.ftruncate(second, 4 * MiB)
+    f.mem_table([(0, f.size, vhu.UVA, 0), (64 * MiB, 4 * MiB, vhu.UVA + 64 * MiB, 0)], [f.memfd, second])
+    f.setup_queue(0)
+    hdr = f.alloc(16)
+    struct.pack_into("<IIQ", f.mem, hdr, vhu.T_OUT, 0, 0)
+    st = f.alloc(1, 1)
+    f.mem[st] = 0xff
+    bufs = [(hdr, 16, 0), (64 * MiB + 1, 4096, 0), (st, 1, vhu.D_WRITE)]  # misaligned: bounced
+    q = f.queues[0]
+    for i, (a, n, fl) in enumerate(bufs):
+        f.write_desc(q["desc"], i, a, n, fl | (vhu.D_NEXT if i + 1 < len(bufs) else 0), i + 1)
+    os.ftruncate(second, 0)
+    f.post(0)
+    u = f.used(timeout=5)
+    assert u is not None and u[0] == 0, d.log.read_text(errors="replace")
+    assert f.mem[st] == vhu.S_IOERR
+    os.close(second)
+    expect_reset(d, f)
