@@ -359,6 +359,14 @@ int vd_bnode_co_pdiscard(struct vd_bnode *bs, uint64_t off, uint64_t len);
 int vd_bnode_co_flush(struct vd_bnode *bs);
 int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, uint64_t *pnum, uint64_t *map,
 			     struct vd_bnode **file);
+/*
+ * Hold top's backing chain for a walk over [off, off+len): a stream cannot
+ * switch the chain (and free the nodes walked) until release.  Returns
+ * whether a hold was taken (nodes without a backing child need none); pass
+ * it to release.  Call both from one coroutine.
+ */
+bool vd_bnode_chain_hold(struct vd_bnode *top, struct vd_tracked *t, uint64_t off, uint64_t len);
+void vd_bnode_chain_release(struct vd_bnode *top, struct vd_tracked *t, bool held);
 /* Status through the backing chain down to base (exclusive; NULL = whole chain): allocated anywhere above base? */
 int vd_bnode_co_is_allocated_above(struct vd_bnode *top, struct vd_bnode *base, uint64_t off, uint64_t len,
 				   uint64_t *pnum);

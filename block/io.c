@@ -700,11 +700,12 @@ int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, ui
 		return 0;
 	guarded = guard_begin(bs, &t, off, len);
 	ret = format_block_status(bs, off, len, &n, &local_map, &local_file);
+	if (ret >= 0)
+		ret = add_allocation(bs, off, ret & ~VD_BS_RECURSE); /* reads bs->backing: still guarded */
 	if (guarded)
 		vd_bnode_track_end(bs, &t);
 	if (ret < 0)
 		return ret;
-	ret = add_allocation(bs, off, ret & ~VD_BS_RECURSE);
 	if (off + n == size)
 		ret |= VD_BS_EOF;
 	*pnum = n;
@@ -721,8 +722,18 @@ int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, ui
  * bdrv_is_allocated_above: a layer shorter than the request only limits the
  * answer where it ends before the top's size.
  */
-int vd_bnode_co_is_allocated_above(struct vd_bnode *top, struct vd_bnode *base, uint64_t off, uint64_t len,
-				   uint64_t *pnum)
+bool vd_bnode_chain_hold(struct vd_bnode *top, struct vd_tracked *t, uint64_t off, uint64_t len)
+{
+	return guard_begin(top, t, off, len ? len : 1);
+}
+
+void vd_bnode_chain_release(struct vd_bnode *top, struct vd_tracked *t, bool held)
+{
+	if (held)
+		vd_bnode_track_end(top, t);
+}
+
+static int allocated_above(struct vd_bnode *top, struct vd_bnode *base, uint64_t off, uint64_t len, uint64_t *pnum)
 {
 	uint64_t n = len;
 
@@ -737,11 +748,22 @@ int vd_bnode_co_is_allocated_above(struct vd_bnode *top, struct vd_bnode *base, 
 			return 1;
 		}
 		/* Past a lower layer's end nothing is allocated there: keep n. */
-		if (layer_n && layer_n < n && (bs == top || off + layer_n < bs->size))
+		if (layer_n && layer_n < n && (bs == top || off + layer_n < vd_bnode_size(bs)))
 			n = layer_n;
 	}
 	*pnum = n;
 	return 0;
+}
+
+int vd_bnode_co_is_allocated_above(struct vd_bnode *top, struct vd_bnode *base, uint64_t off, uint64_t len,
+				   uint64_t *pnum)
+{
+	struct vd_tracked t;
+	bool held = vd_bnode_chain_hold(top, &t, off, len);
+	int ret = allocated_above(top, base, off, len, pnum);
+
+	vd_bnode_chain_release(top, &t, held);
+	return ret;
 }
 
 int vd_bnode_co_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const char *prealloc)

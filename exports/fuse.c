@@ -232,10 +232,8 @@ static int reply_err(fuse_req_t req, int err)
  * through the backing chain: data when the first layer that allocates the
  * range says DATA.  *pnum: bytes with that answer (> 0).
  */
-static int data_above(struct vd_bnode *bs, uint64_t off, uint64_t len, bool *data, uint64_t *pnum)
+static int data_walk(struct vd_bnode *layer, uint64_t off, uint64_t len, bool *data, uint64_t *pnum)
 {
-	struct vd_bnode *layer = vd_export_unwrap(bs);
-
 	for (;;) {
 		uint64_t n = 0;
 		int ret = vd_bnode_co_block_status(layer, off, len, &n, NULL, NULL);
@@ -260,6 +258,18 @@ static int data_above(struct vd_bnode *bs, uint64_t off, uint64_t len, bool *dat
 		}
 		len = n;
 	}
+}
+
+/* The walk holds the chain: a block-stream finishing meanwhile cannot free the layers it reads. */
+static int data_above(struct vd_bnode *bs, uint64_t off, uint64_t len, bool *data, uint64_t *pnum)
+{
+	struct vd_bnode *top = vd_export_unwrap(bs);
+	struct vd_tracked t;
+	bool held = vd_bnode_chain_hold(top, &t, off, len);
+	int ret = data_walk(top, off, len, data, pnum);
+
+	vd_bnode_chain_release(top, &t, held);
+	return ret;
 }
 
 /* ---- operations (coroutines) ----------------------------------------------------------------------- */

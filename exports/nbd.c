@@ -1189,10 +1189,12 @@ struct extent {
 	uint32_t depth; /* 0: unallocated in the whole chain; 1: the top layer; ... */
 };
 
-/* Status of [off, off+len) from the top of the chain down: one extent (e->len > 0). */
-static int status_above(struct vd_bnode *bs, uint64_t off, uint64_t len, struct extent *e)
+/*
+ * Status of [off, off+len) from the top of the chain down: one extent
+ * (e->len > 0).  The caller holds the chain (vd_bnode_chain_hold on the top).
+ */
+static int status_walk(struct vd_bnode *layer, uint64_t off, uint64_t len, struct extent *e)
 {
-	struct vd_bnode *layer = vd_export_unwrap(bs);
 	uint32_t depth = 1;
 
 	for (;;) {
@@ -1224,6 +1226,18 @@ static int status_above(struct vd_bnode *bs, uint64_t off, uint64_t len, struct 
 		layer = next;
 		depth++;
 	}
+}
+
+/* The walk holds the chain: a block-stream finishing meanwhile cannot free the layers it reads. */
+static int status_above(struct vd_bnode *bs, uint64_t off, uint64_t len, struct extent *e)
+{
+	struct vd_bnode *top = vd_export_unwrap(bs);
+	struct vd_tracked t;
+	bool held = vd_bnode_chain_hold(top, &t, off, len);
+	int ret = status_walk(top, off, len, e);
+
+	vd_bnode_chain_release(top, &t, held);
+	return ret;
 }
 
 /* Up to max extents covering at most len bytes from off (at least one). */

@@ -342,3 +342,44 @@ def test_killed_during_stream_leaves_valid_image(daemon_factory, tmp_path):
     assert r.returncode in (0, 3), r.stderr  # 3: leaked clusters only
     assert json.loads(r.stdout).get("corruptions", 0) == 0
     run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(top), str(ref)])
+
+
+def test_stream_under_block_status_from_iothreads(daemon_factory, tmp_path):
+    """Clients on two iothreads walk the chain (block status, sparse reads) while the stream switches it."""
+    import nbd
+    _, _, top = make_chain(tmp_path)
+    ref = reference(tmp_path, top).read_bytes()
+    d = daemon_factory(["--object", "iothread,id=io0", "--object", "iothread,id=io1",
+                        "--blockdev", f"driver=qcow2,node-name=q0,file.driver=file,file.filename={top}",
+                        "--export", "type=nbd,id=e0,node-name=q0,iothread.0=io0,iothread.1=io1"])
+    errors, calls = [], [0]
+    stop = threading.Event()
+
+    def walker(seed):
+        h = nbd.NBD()
+        h.add_meta_context("base:allocation")
+        h.add_meta_context("qemu:allocation-depth")
+        h.connect_uri(d.uri("q0"))
+        rnd = random.Random(seed)
+        while not stop.is_set():
+            off = rnd.randrange(0, SIZE // MiB) * MiB
+            h.block_status(4 * MiB if off + 4 * MiB <= SIZE else SIZE - off, off, lambda *a: 0)
+            if h.pread(MiB, off) != ref[off:off + MiB]:
+                errors.append(off)
+            calls[0] += 1
+        h.shutdown()
+
+    threads = [threading.Thread(target=walker, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(3):  # stream, then stream again (nothing left: the chain is already cut)
+            d.ctl.cmd("block-stream", job_id=f"s{i}", device="q0")
+            assert "error" not in d.ctl.wait_event("BLOCK_JOB_COMPLETED", timeout=60)["data"]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors and calls[0] > 0
+    d.stop()
+    assert "backing-filename" not in info(top)
