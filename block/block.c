@@ -185,6 +185,7 @@ static struct vd_bnode *bnode_new(const struct vd_format *fmt, json_t *opts, con
 	bs->request_alignment = 1;
 	bs->home = vd_loop_get();
 	pthread_mutex_init(&bs->track_lock, NULL);
+	vd_co_queue_init(&bs->chain_waiters);
 	if (node_name && !(bs->node_name = strdup(node_name)))
 		goto oom;
 	if (fmt->state_size && !(bs->opaque = calloc(1, fmt->state_size)))

@@ -248,6 +248,10 @@ struct vd_bnode {
 	pthread_mutex_t track_lock;
 	struct vd_tracked *tracked;
 	unsigned serialising_reqs; /* tracked requests with serialising set */
+	/* Backing-chain walks in progress and a chain switch waiting for them (vd_bnode_chain_hold), under track_lock. */
+	unsigned chain_readers;
+	bool chain_switching;
+	struct vd_co_queue chain_waiters;
 	/* Statistics (write-zeroes count as writes); atomic (requests come from several threads). */
 	uint64_t rd_ops, wr_ops, rd_bytes, wr_bytes, flush_ops;
 	uint64_t discard_ops, discard_bytes;
@@ -360,13 +364,16 @@ int vd_bnode_co_flush(struct vd_bnode *bs);
 int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, uint64_t *pnum, uint64_t *map,
 			     struct vd_bnode **file);
 /*
- * Hold top's backing chain for a walk over [off, off+len): a stream cannot
- * switch the chain (and free the nodes walked) until release.  Returns
- * whether a hold was taken (nodes without a backing child need none); pass
- * it to release.  Call both from one coroutine.
+ * Hold top's backing chain for a walk (from any thread): a stream cannot
+ * switch the chain, and free the nodes walked, until the release.  A walk
+ * waits while a switch is in progress.  Not a tracked request, so requests
+ * the walk makes (even forwarded to the home thread) never wait for it.
  */
-bool vd_bnode_chain_hold(struct vd_bnode *top, struct vd_tracked *t, uint64_t off, uint64_t len);
-void vd_bnode_chain_release(struct vd_bnode *top, struct vd_tracked *t, bool held);
+void vd_bnode_chain_hold(struct vd_bnode *top);
+void vd_bnode_chain_release(struct vd_bnode *top);
+/* The switch side (stream): wait until no walk holds the chain and keep new ones out; then end it. */
+void vd_bnode_chain_switch_begin(struct vd_bnode *top);
+void vd_bnode_chain_switch_end(struct vd_bnode *top);
 /* Status through the backing chain down to base (exclusive; NULL = whole chain): allocated anywhere above base? */
 int vd_bnode_co_is_allocated_above(struct vd_bnode *top, struct vd_bnode *base, uint64_t off, uint64_t len,
 				   uint64_t *pnum);

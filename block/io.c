@@ -722,15 +722,40 @@ int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, ui
  * bdrv_is_allocated_above: a layer shorter than the request only limits the
  * answer where it ends before the top's size.
  */
-bool vd_bnode_chain_hold(struct vd_bnode *top, struct vd_tracked *t, uint64_t off, uint64_t len)
+void vd_bnode_chain_hold(struct vd_bnode *top)
 {
-	return guard_begin(top, t, off, len ? len : 1);
+	pthread_mutex_lock(&top->track_lock);
+	while (top->chain_switching)
+		vd_co_queue_wait_mt(&top->chain_waiters, &top->track_lock);
+	top->chain_readers++;
+	pthread_mutex_unlock(&top->track_lock);
 }
 
-void vd_bnode_chain_release(struct vd_bnode *top, struct vd_tracked *t, bool held)
+void vd_bnode_chain_release(struct vd_bnode *top)
 {
-	if (held)
-		vd_bnode_track_end(top, t);
+	pthread_mutex_lock(&top->track_lock);
+	if (--top->chain_readers == 0 && top->chain_switching)
+		vd_co_queue_wake_all(&top->chain_waiters);
+	pthread_mutex_unlock(&top->track_lock);
+}
+
+void vd_bnode_chain_switch_begin(struct vd_bnode *top)
+{
+	pthread_mutex_lock(&top->track_lock);
+	while (top->chain_switching) /* another switch: one at a time */
+		vd_co_queue_wait_mt(&top->chain_waiters, &top->track_lock);
+	top->chain_switching = true;
+	while (top->chain_readers)
+		vd_co_queue_wait_mt(&top->chain_waiters, &top->track_lock);
+	pthread_mutex_unlock(&top->track_lock);
+}
+
+void vd_bnode_chain_switch_end(struct vd_bnode *top)
+{
+	pthread_mutex_lock(&top->track_lock);
+	top->chain_switching = false;
+	vd_co_queue_wake_all(&top->chain_waiters);
+	pthread_mutex_unlock(&top->track_lock);
 }
 
 static int allocated_above(struct vd_bnode *top, struct vd_bnode *base, uint64_t off, uint64_t len, uint64_t *pnum)
@@ -758,11 +783,11 @@ static int allocated_above(struct vd_bnode *top, struct vd_bnode *base, uint64_t
 int vd_bnode_co_is_allocated_above(struct vd_bnode *top, struct vd_bnode *base, uint64_t off, uint64_t len,
 				   uint64_t *pnum)
 {
-	struct vd_tracked t;
-	bool held = vd_bnode_chain_hold(top, &t, off, len);
-	int ret = allocated_above(top, base, off, len, pnum);
+	int ret;
 
-	vd_bnode_chain_release(top, &t, held);
+	vd_bnode_chain_hold(top);
+	ret = allocated_above(top, base, off, len, pnum);
+	vd_bnode_chain_release(top);
 	return ret;
 }
 

@@ -10,9 +10,11 @@
  *   older guest write), and the copy can never overwrite newer guest data;
  * - a run that top already allocates is skipped, so guest data is never
  *   read back and rewritten;
- * - finishing holds a serialising range over the whole node: every request
- *   on top in flight has finished (none still walks the old chain) and new
- *   ones wait until the chain is switched.
+ * - finishing first waits for chain walks that hold top's chain
+ *   (vd_bnode_chain_hold: NBD/FUSE block status, is_allocated_above) and
+ *   keeps new ones out, then holds a serialising range over the whole node:
+ *   every request on top in flight has finished and new ones wait until the
+ *   chain is switched, so nothing still uses a layer that is dropped.
  * Crash safety: the copied data and its metadata are flushed before the
  * header stops naming the old backing file, so a crash at any point leaves
  * either the old chain (with some data already copied: harmless) or the
@@ -77,6 +79,8 @@ int vd_bnode_co_stream_finish(struct vd_bnode *top, struct vd_bnode *base, const
 	if (!top->fmt->co_change_backing)
 		return vd_error(ENOTSUP, "node '%s': format '%s' cannot change its backing file", vd_bnode_name(top),
 				top->fmt->name);
+	/* No chain walk may still hold the old chain; then no request may still be in flight. */
+	vd_bnode_chain_switch_begin(top);
 	vd_bnode_track_begin(top, &t, 0, top->size ? top->size : 1, true);
 	ret = vd_bnode_co_flush(top);
 	if (ret == 0)
@@ -90,5 +94,6 @@ int vd_bnode_co_stream_finish(struct vd_bnode *top, struct vd_bnode *base, const
 		vd_bnode_unref(old);
 	}
 	vd_bnode_track_end(top, &t);
+	vd_bnode_chain_switch_end(top);
 	return ret;
 }

@@ -264,11 +264,11 @@ static int data_walk(struct vd_bnode *layer, uint64_t off, uint64_t len, bool *d
 static int data_above(struct vd_bnode *bs, uint64_t off, uint64_t len, bool *data, uint64_t *pnum)
 {
 	struct vd_bnode *top = vd_export_unwrap(bs);
-	struct vd_tracked t;
-	bool held = vd_bnode_chain_hold(top, &t, off, len);
-	int ret = data_walk(top, off, len, data, pnum);
+	int ret;
 
-	vd_bnode_chain_release(top, &t, held);
+	vd_bnode_chain_hold(top);
+	ret = data_walk(top, off, len, data, pnum);
+	vd_bnode_chain_release(top);
 	return ret;
 }
 

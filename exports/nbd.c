@@ -1232,11 +1232,11 @@ static int status_walk(struct vd_bnode *layer, uint64_t off, uint64_t len, struc
 static int status_above(struct vd_bnode *bs, uint64_t off, uint64_t len, struct extent *e)
 {
 	struct vd_bnode *top = vd_export_unwrap(bs);
-	struct vd_tracked t;
-	bool held = vd_bnode_chain_hold(top, &t, off, len);
-	int ret = status_walk(top, off, len, e);
+	int ret;
 
-	vd_bnode_chain_release(top, &t, held);
+	vd_bnode_chain_hold(top);
+	ret = status_walk(top, off, len, e);
+	vd_bnode_chain_release(top);
 	return ret;
 }
 
