@@ -1288,21 +1288,7 @@ static int send_all(struct vub_conn *c, const void *buf, size_t len)
 	return 0;
 }
 
-static int send_reply(struct vub_conn *c, const struct vub_msg *req, const void *payload, uint32_t size)
-{
-	struct {
-		struct vhu_hdr hdr;
-		uint8_t p[VUB_MAX_MSG];
-	} out;
-
-	out.hdr.request = req->hdr.request;
-	out.hdr.flags = VHU_VERSION | VHU_FLAG_REPLY;
-	out.hdr.size = size;
-	memcpy(out.p, payload, size);
-	return send_all(c, &out, sizeof(out.hdr) + size);
-}
-
-/* A reply carrying one fd (GET_INFLIGHT_FD). */
+/* A reply, with one fd when fd >= 0 (GET_INFLIGHT_FD). */
 static int send_reply_fd(struct vub_conn *c, const struct vub_msg *req, const void *payload, uint32_t size, int fd)
 {
 	struct {
@@ -1314,14 +1300,19 @@ static int send_reply_fd(struct vub_conn *c, const struct vub_msg *req, const vo
 		struct cmsghdr align;
 	} u;
 	struct iovec iov = { .iov_base = &out, .iov_len = sizeof(out.hdr) + size };
-	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof(u.buf) };
-	struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+	struct cmsghdr *cm;
 	ssize_t n;
 
 	out.hdr.request = req->hdr.request;
 	out.hdr.flags = VHU_VERSION | VHU_FLAG_REPLY;
 	out.hdr.size = size;
 	memcpy(out.p, payload, size);
+	if (fd < 0)
+		return send_all(c, &out, sizeof(out.hdr) + size);
+	mh.msg_control = u.buf;
+	mh.msg_controllen = sizeof(u.buf);
+	cm = CMSG_FIRSTHDR(&mh);
 	cm->cmsg_level = SOL_SOCKET;
 	cm->cmsg_type = SCM_RIGHTS;
 	cm->cmsg_len = CMSG_LEN(sizeof(int));
@@ -1342,6 +1333,11 @@ static int send_reply_fd(struct vub_conn *c, const struct vub_msg *req, const vo
 	}
 	/* The fd went with the first byte; the rest (rarely any) goes as plain data. */
 	return send_all(c, (uint8_t *)&out + n, sizeof(out.hdr) + size - (size_t)n);
+}
+
+static int send_reply(struct vub_conn *c, const struct vub_msg *req, const void *payload, uint32_t size)
+{
+	return send_reply_fd(c, req, payload, size, -1);
 }
 
 static int reply_u64(struct vub_conn *c, const struct vub_msg *req, uint64_t v)
