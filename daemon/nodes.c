@@ -484,8 +484,7 @@ static void resize_fn(void *arg)
 	struct resize_ctx *c = arg;
 	struct vd_bnode *bs = c->n->bs;
 
-	c->ret = bs->read_only ? vd_error(EACCES, "node is read-only")
-			       : vd_bnode_co_truncate(bs, c->size, true, "off");
+	c->ret = vd_bnode_co_truncate(bs, c->size, true, "off"); /* refuses read-only and corrupt nodes */
 	if (c->ret < 0)
 		snprintf(c->msg, sizeof(c->msg), "%s", vdisk_get_error_msg());
 	c->size = bs->size; /* a format may round up */
