@@ -11,7 +11,10 @@
  *   event-idx      bool, default true: negotiate VIRTIO_RING_F_EVENT_IDX
  *   indirect-desc  bool, default true: negotiate VIRTIO_RING_F_INDIRECT_DESC
  *   mem-slots      bool, default true: negotiate CONFIGURE_MEM_SLOTS (false:
- *                  always SET_MEM_TABLE, at most 7 regions)
+ *                  always SET_MEM_TABLE, at most 7 regions; some back-ends,
+ *                  qemu-storage-daemon 7.2 among them, remap every region on
+ *                  SET_MEM_TABLE, so map/unmap while requests are in flight
+ *                  can fail those requests there)
  *   discard, write-zeroes  bool, default true: negotiate VIRTIO_BLK_F_DISCARD /
  *                  VIRTIO_BLK_F_WRITE_ZEROES when offered (as QEMU's
  *                  virtio-blk device properties of the same names)

@@ -327,8 +327,15 @@ static int mode_multiq(uint64_t mb)
 	for (int i = 0; i < total; i++) {
 		pthread_join(th[i], NULL);
 		ok &= args[i].ok;
-		unmap_free(&args[i].reg);
 	}
+	/*
+	 * Unmap only once every queue is idle: with mem-slots=false each unmap
+	 * re-sends the whole table, and qemu-storage-daemon (7.2) remaps every
+	 * region on SET_MEM_TABLE, failing requests still in flight on other
+	 * queues with IOERR.
+	 */
+	for (int i = 0; i < total; i++)
+		unmap_free(&args[i].reg);
 	pthread_barrier_destroy(&barrier);
 	if (!ok)
 		return 1;
