@@ -1814,7 +1814,7 @@ static int vu_queue_init(struct vdiskq *q)
 	 * notifications suppressed, and a missing fd is fatal to it).
 	 */
 	vq->kick_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	vq->own_call_fd = eventfd(0, EFD_CLOEXEC); /* blocking: reap() may sleep in read() on it */
+	vq->own_call_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); /* reap() sleeps in ppoll() on it */
 	vq->call_fd = vq->notify_on ? q->completion_fd : vq->own_call_fd;
 	if (vq->kick_fd < 0 || vq->own_call_fd < 0) {
 		ret = vd_error(errno, "%s: eventfd: %s", who, strerror(errno));
@@ -2130,17 +2130,12 @@ static int vu_reap(struct vdiskq *q, bool wait, const struct timespec *deadline)
 			ts.tv_nsec = ns % 1000000000LL;
 			tsp = &ts;
 		}
-		if (!tsp && vq->call_fd == vq->own_call_fd) {
-			/* Our blocking eventfd, no deadline: one syscall to sleep and consume. */
-			uint64_t cnt;
-
-			r = read(vq->call_fd, &cnt, sizeof(cnt)) < 0 ? -1 : 0;
-			if (!vq->notify_on)
-				vq_notify_disable(vq);
-			if (r < 0 && errno != EINTR && errno != EAGAIN)
-				return vd_error(errno, "vdiskq_do_io: virtio-blk-vhost-user: read: %s", strerror(errno));
-			continue;
-		}
+		/*
+		 * Sleep in ppoll, never in a blocking read(): the back-end holds the
+		 * same open file description of our eventfd (SCM_RIGHTS) and may set
+		 * O_NONBLOCK on it (vdiskd and qemu-storage-daemon both do), after
+		 * which a "blocking" read returns EAGAIN and reap spins on a CPU.
+		 */
 		pfd = (struct pollfd){ .fd = vq->call_fd, .events = POLLIN };
 		r = ppoll(&pfd, 1, tsp, NULL);
 		if (r > 0) {
