@@ -162,3 +162,13 @@ def test_discard_switched_off(qsd, image, io):
     b = qsd(image(16 * MiB))
     p = io(b, "discard 0 1m", extra=("--set", "discard=false"), check=1)
     assert "VIRTIO_BLK_F_DISCARD" in p.stderr
+
+
+def test_waiting_client_sleeps(qsd, vdisk_tool):
+    """A client waiting for slow completions sleeps: the back-end sets O_NONBLOCK on the call eventfd
+    it shares with us, so a reap that slept in read() would spin on EAGAIN at 100% CPU."""
+    b = qsd(null=True, blockdev_opts="latency-ns=2000000")
+    p = run([vdisk_tool, "bench", "--driver=virtio-blk-vhost-user", f"--path={b.sock}", "--rw=randread",
+             "--iodepth=1", "--runtime=1s"], check=0)
+    cpu = float(next(l for l in p.stdout.splitlines() if l.strip().startswith("cpu")).split(":")[1].split("%")[0])
+    assert cpu < 30, p.stdout
