@@ -134,8 +134,13 @@ struct vub_lane {
 	bool paused;       /* waiting for requests in flight: take no new ones */
 	bool poller_running;
 	struct vd_co_queue drained;
-	/* Adaptive polling: the current window, and since when the lane sleeps on its kick fds (0: it does not). */
-	uint64_t poll_ns, asleep_since;
+	/*
+	 * Adaptive polling: the current window, and since when the lane has
+	 * been idle -- nothing in flight, not polling, sleeping on its kick
+	 * fds (0: it is not).  completions counts finished requests (the
+	 * poller treats them as activity, as QEMU's does its AIO completions).
+	 */
+	uint64_t poll_ns, asleep_since, completions;
 	unsigned wanted; /* atomic: the control channel waits to run something here (the poller makes way) */
 };
 
@@ -673,6 +678,8 @@ static uint8_t serve(struct vub_req *r, uint32_t type, uint64_t sector, uint32_t
 	}
 }
 
+static void lane_went_idle(struct vub_lane *lane);
+
 static void req_done(struct vub_req *r, uint8_t status, uint32_t written)
 {
 	struct vub_vq *vq = r->vq;
@@ -688,8 +695,11 @@ static void req_done(struct vub_req *r, uint8_t status, uint32_t written)
 		vq->track = NULL; /* a stopped ring (kick fd hung up) stops tracking once idle */
 	if (vq->inflight == 0)
 		vd_co_queue_wake_all(&vq->drained);
-	if (vq->lane->inflight == 0)
+	vq->lane->completions++;
+	if (vq->lane->inflight == 0) {
 		vd_co_queue_wake_all(&vq->lane->drained);
+		lane_went_idle(vq->lane);
+	}
 }
 
 static void req_co(void *opaque)
@@ -839,8 +849,25 @@ static void process_vq(struct vub_vq *vq)
 		return;
 	if (poll_window_ns(vq->lane))
 		start_poller(vq->lane);
-	else if (!vq->lane->poller_running)
+	else if (!vq->lane->poller_running && !vq->lane->inflight)
 		vq->lane->asleep_since = vdd_now_ns();
+}
+
+/*
+ * The lane's last request finished.  The guest's next one usually follows
+ * within microseconds (at queue depth 1 always): poll for it instead of
+ * sleeping and being kicked.  The idle time until that kick is what adapts
+ * the window, so it starts now, not when the request was taken (that time
+ * includes the device's latency, which polling does not shorten).
+ */
+static void lane_went_idle(struct vub_lane *lane)
+{
+	if (lane->poller_running || lane->paused)
+		return;
+	if (poll_window_ns(lane))
+		start_poller(lane);
+	else
+		lane->asleep_since = vdd_now_ns();
 }
 
 static void vq_stop_kick(struct vub_vq *vq);
@@ -899,7 +926,7 @@ static void poller_co(void *opaque)
 {
 	struct vub_lane *lane = opaque;
 	struct vub_conn *c = &lane->e->conn;
-	uint64_t idle_since = vdd_now_ns(), spins = 0;
+	uint64_t idle_since = vdd_now_ns(), spins = 0, completions = lane->completions;
 	struct vub_vq *vq;
 
 	set_no_notify(lane, true);
@@ -908,6 +935,10 @@ static void poller_co(void *opaque)
 
 		LANE_FOR_EACH_VQ(c, lane, vq)
 			any |= take_requests(vq);
+		if (lane->completions != completions) {
+			completions = lane->completions;
+			any = true;
+		}
 		if (any)
 			idle_since = vdd_now_ns();
 		else if (vdd_now_ns() - idle_since > poll_window_ns(lane))
@@ -921,7 +952,7 @@ static void poller_co(void *opaque)
 		vd_co_yield();
 	}
 	lane->poller_running = false;
-	lane->asleep_since = vdd_now_ns();
+	lane->asleep_since = lane->inflight ? 0 : vdd_now_ns();
 	if (!conn_closing(c)) {
 		set_no_notify(lane, false);
 		LANE_FOR_EACH_VQ(c, lane, vq)
