@@ -24,7 +24,9 @@
  * logical-block-size: blk_size in the config space (512..64k, power of two);
  * poll-us: after a burst of requests keep checking the rings for this long
  * (notifications off) before going back to sleep on the kick eventfds;
- * poll-max-us: the same with a window each lane adapts (adapt_poll_window).
+ * poll-max-us: the same with a window each lane adapts (adapt_poll_window),
+ * default 32 as QEMU's event loops; 0 turns polling off (on a host whose CPUs
+ * are oversubscribed polling takes CPU time from the guests it serves).
  *
  * Threads: the listening socket and the front end's control channel run in
  * the export's thread (its node's home).  The virtqueues run in lanes
@@ -105,7 +107,7 @@
 #define VUB_MAX_DWZ_SECTORS (1u << 21) /* 1 GiB per discard / write-zeroes */
 #define VUB_DWZ_SEGS 1                 /* segments per discard / write-zeroes */
 #define VUB_POLL_CHECK_EVERY 128       /* poller: look at the control socket every N spins */
-#define VUB_DEFAULT_POLL_MAX_US 0      /* adaptive polling off unless asked for (see bench/RESULTS.md) */
+#define VUB_DEFAULT_POLL_MAX_US 32     /* QEMU's default window (poll-max-ns=32768); see bench/RESULTS.md */
 
 /* ---- state ----------------------------------------------------------------------------------------------- */
 
@@ -135,10 +137,11 @@ struct vub_lane {
 	bool poller_running;
 	struct vd_co_queue drained;
 	/*
-	 * Adaptive polling: the current window, and since when the lane has
-	 * been idle -- nothing in flight, not polling, sleeping on its kick
-	 * fds (0: it is not).  completions counts finished requests (the
-	 * poller treats them as activity, as QEMU's does its AIO completions).
+	 * Adaptive polling: the current window, and the time of the lane's
+	 * last event (kick, completion, end of polling) while it was not
+	 * polling (0: none since the last kick).  completions counts finished
+	 * requests (the poller treats them as activity, as QEMU's does its AIO
+	 * completions).
 	 */
 	uint64_t poll_ns, asleep_since, completions;
 	unsigned wanted; /* atomic: the control channel waits to run something here (the poller makes way) */
@@ -678,7 +681,7 @@ static uint8_t serve(struct vub_req *r, uint32_t type, uint64_t sector, uint32_t
 	}
 }
 
-static void lane_went_idle(struct vub_lane *lane);
+static void lane_completed(struct vub_lane *lane);
 
 static void req_done(struct vub_req *r, uint8_t status, uint32_t written)
 {
@@ -695,11 +698,9 @@ static void req_done(struct vub_req *r, uint8_t status, uint32_t written)
 		vq->track = NULL; /* a stopped ring (kick fd hung up) stops tracking once idle */
 	if (vq->inflight == 0)
 		vd_co_queue_wake_all(&vq->drained);
-	vq->lane->completions++;
-	if (vq->lane->inflight == 0) {
+	if (vq->lane->inflight == 0)
 		vd_co_queue_wake_all(&vq->lane->drained);
-		lane_went_idle(vq->lane);
-	}
+	lane_completed(vq->lane);
 }
 
 static void req_co(void *opaque)
@@ -849,19 +850,20 @@ static void process_vq(struct vub_vq *vq)
 		return;
 	if (poll_window_ns(vq->lane))
 		start_poller(vq->lane);
-	else if (!vq->lane->poller_running && !vq->lane->inflight)
+	else if (!vq->lane->poller_running)
 		vq->lane->asleep_since = vdd_now_ns();
 }
 
 /*
- * The lane's last request finished.  The guest's next one usually follows
+ * A request of the lane finished.  The guest's next one usually follows
  * within microseconds (at queue depth 1 always): poll for it instead of
- * sleeping and being kicked.  The idle time until that kick is what adapts
- * the window, so it starts now, not when the request was taken (that time
- * includes the device's latency, which polling does not shorten).
+ * sleeping and being kicked.  Without a window, the time from here to the
+ * next kick is what adapts it (not the time since the request was taken,
+ * which includes the device's latency, which polling does not shorten).
  */
-static void lane_went_idle(struct vub_lane *lane)
+static void lane_completed(struct vub_lane *lane)
 {
+	lane->completions++;
 	if (lane->poller_running || lane->paused)
 		return;
 	if (poll_window_ns(lane))
@@ -952,7 +954,7 @@ static void poller_co(void *opaque)
 		vd_co_yield();
 	}
 	lane->poller_running = false;
-	lane->asleep_since = lane->inflight ? 0 : vdd_now_ns();
+	lane->asleep_since = vdd_now_ns();
 	if (!conn_closing(c)) {
 		set_no_notify(lane, false);
 		LANE_FOR_EACH_VQ(c, lane, vq)
