@@ -802,8 +802,20 @@ static int ur_reap(struct vdiskq *q, bool wait, const struct timespec *deadline)
 			io_uring_get_events(&uq->ring);
 			finished = drain(q);
 		}
-		if (finished > 0 || !wait || q->n_inflight == 0)
-			return push(uq, "vdiskq_do_io");
+		if (finished > 0 || !wait || q->n_inflight == 0) {
+			bool submitting = io_uring_sq_ready(&uq->ring) > 0;
+			int ret = push(uq, "vdiskq_do_io");
+
+			/*
+			 * Buffered reads that hit the page cache (and other requests the
+			 * kernel finishes in the submitting call) are complete now: hand
+			 * them back in this call, not after a trip through the caller's
+			 * event loop and the completion fd.
+			 */
+			if (ret == 0 && submitting)
+				drain(q);
+			return ret;
+		}
 
 		if (deadline) {
 			int64_t ns = ns_until(deadline);
