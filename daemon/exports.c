@@ -168,10 +168,14 @@ static struct vd_export *find(const char *id)
 	return NULL;
 }
 
-/* Formats whose flush covers every connection's writes because they keep no per-connection state. */
+/*
+ * Formats whose flush covers every connection's writes: they keep no
+ * per-connection state, and a flush is node-wide (qcow2 writes back all its
+ * dirty metadata, then flushes its file, whichever connection asked).
+ */
 static bool multi_conn_safe(struct vd_bnode *bs)
 {
-	static const char *const safe[] = { "file", "raw", "null-co", "vdd-node-ref", NULL };
+	static const char *const safe[] = { "file", "raw", "qcow2", "null-co", "vdd-node-ref", NULL };
 	bool ok = false;
 
 	if (!bs)

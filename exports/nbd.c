@@ -446,6 +446,8 @@ static ssize_t read_some(struct nbd_conn *c, void *buf, size_t len)
 /* Make rbuf hold at least need unread bytes; -1 at end of file, on errors or when closing. */
 static int fill(struct nbd_conn *c, size_t need)
 {
+	bool yielded = false;
+
 	while (c->rlen - c->rpos < need) {
 		ssize_t n;
 
@@ -457,6 +459,17 @@ static int fill(struct nbd_conn *c, size_t need)
 			memmove(c->rbuf, c->rbuf + c->rpos, c->rlen - c->rpos);
 			c->rlen -= c->rpos;
 			c->rpos = 0;
+		}
+		if (c->out_head && c->flushing && !yielded) {
+			/*
+			 * Replies are queued: let the flusher send them before we read
+			 * more, so the client can send its next requests while we work
+			 * on these (4k writes at QD32 to a null node: +15%).
+			 */
+			yielded = true; /* once: a flusher stuck on a full socket must not make us spin */
+			vd_loop_schedule(c->cofd.loop, vd_co_self());
+			vd_co_yield();
+			continue;
 		}
 		if (c->rdry) {
 			/*

@@ -74,6 +74,7 @@ struct vd_loop {
 	/* Run list: a ring of scheduled coroutines (grows, never shrinks). */
 	struct vd_co **ring;
 	unsigned ring_head, ring_len, ring_alloc;
+	unsigned busy_rounds; /* rounds in a row that found coroutines scheduled (no wait) */
 
 	struct fd_handler *handlers;
 	int n_handlers, handlers_alloc;
@@ -471,14 +472,14 @@ static void dispatch_pollfd(struct vd_loop *l, const struct pollfd *pfd, uint64_
 		h->cb(h->opaque, pfd->fd, pfd->revents);
 }
 
-static bool poll_and_dispatch(struct vd_loop *l)
+static bool poll_and_dispatch(struct vd_loop *l, bool nowait)
 {
 	bool busy_poll;
 	int n = build_pollfds(l, &busy_poll), ready;
 
 	if (n < 0)
 		return false;
-	ready = poll(l->pollfds, (nfds_t)n, busy_poll ? 0 : -1);
+	ready = poll(l->pollfds, (nfds_t)n, busy_poll || nowait ? 0 : -1);
 	if (ready < 0) {
 		if (errno != EINTR)
 			fprintf(stderr, "vd_loop: poll: %s\n", strerror(errno));
@@ -579,7 +580,7 @@ static void ring_dispatch(struct vd_loop *l, uint64_t data, int res)
 	}
 }
 
-static bool ring_wait_and_dispatch(struct vd_loop *l)
+static bool ring_wait_and_dispatch(struct vd_loop *l, bool nowait)
 {
 	struct __kernel_timespec zero = { 0 };
 	struct io_uring_cqe *cqe;
@@ -596,7 +597,7 @@ static bool ring_wait_and_dispatch(struct vd_loop *l)
 		if (lq->completion_fd < 0)
 			busy_poll = true; /* a poll queue: it only progresses if we keep calling do_io */
 		else if (!lq->armed && !arm(l, lq->completion_fd, POLLIN, UD_QUEUE, &lq->armed))
-			return poll_and_dispatch(l);
+			return poll_and_dispatch(l, nowait);
 	}
 	for (int i = 0; i < l->n_handlers; i++) {
 		struct fd_handler *h = &l->handlers[i];
@@ -604,10 +605,10 @@ static bool ring_wait_and_dispatch(struct vd_loop *l)
 		if (h->armed)
 			continue;
 		if (!arm(l, h->fd, h->events, UD_HANDLER, &h->armed))
-			return poll_and_dispatch(l);
+			return poll_and_dispatch(l, nowait);
 		h->armed_events = h->events;
 	}
-	ret = io_uring_submit_and_wait_timeout(&l->uring, &cqe, 1, busy_poll ? &zero : NULL, NULL);
+	ret = io_uring_submit_and_wait_timeout(&l->uring, &cqe, 1, busy_poll || nowait ? &zero : NULL, NULL);
 	if (ret < 0 && ret != -ETIME && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)
 		fprintf(stderr, "vd_loop: io_uring wait: %s\n", strerror(-ret));
 	/* Copy the CQEs out first: handlers may arm or cancel polls (new SQEs) while we dispatch. */
@@ -624,15 +625,16 @@ static bool ring_wait_and_dispatch(struct vd_loop *l)
 	return service_queues(l) || n > 0 || busy_poll;
 }
 
-static bool wait_for_events(struct vd_loop *l)
+/* Wait for an fd or a completion (nowait: only look at what is ready now) and dispatch it. */
+static bool wait_for_events(struct vd_loop *l, bool nowait)
 {
-	int sole = sole_busy_queue(l);
+	int sole = nowait ? -1 : sole_busy_queue(l);
 
 	if (sole >= 0)
 		return service_queue(l, sole, 1) > 0;
 	if (ring_ready(l))
-		return ring_wait_and_dispatch(l);
-	return poll_and_dispatch(l);
+		return ring_wait_and_dispatch(l, nowait);
+	return poll_and_dispatch(l, nowait);
 }
 
 /* ---- mailbox: cross-thread calls --------------------------------------------------- */
@@ -828,6 +830,8 @@ void vd_loop_co_call(struct vd_loop *l, void (*fn)(void *arg), void *arg)
 
 /* ---- iterations ---------------------------------------------------------------- */
 
+#define FD_CHECK_EVERY 64 /* loop rounds with coroutines scheduled between two looks at the fds */
+
 bool vd_loop_run_once(struct vd_loop *l, bool blocking)
 {
 	bool progress;
@@ -835,11 +839,22 @@ bool vd_loop_run_once(struct vd_loop *l, bool blocking)
 	assert(!vd_in_co() && "the loop runs outside coroutines (use vd_co_run_sync's caller)");
 	progress = run_scheduled(l);
 	progress |= service_queues(l);
+	if (l->ring_len && ++l->busy_rounds >= FD_CHECK_EVERY) {
+		/*
+		 * Coroutines that keep rescheduling themselves (pollers) must not
+		 * keep the fds from being looked at: whoever they wait for may be
+		 * waiting for an fd (a full socket, a control message).
+		 */
+		l->busy_rounds = 0;
+		if (anything_to_wait_for(l))
+			progress |= wait_for_events(l, true);
+	}
 	if (progress || !blocking || l->ring_len)
 		return progress;
+	l->busy_rounds = 0;
 	if (!anything_to_wait_for(l))
 		return false;
-	return wait_for_events(l);
+	return wait_for_events(l, false);
 }
 
 void vd_loop_run_until(struct vd_loop *l, const bool *done)

@@ -812,8 +812,11 @@ static int ur_reap(struct vdiskq *q, bool wait, const struct timespec *deadline)
 			 * them back in this call, not after a trip through the caller's
 			 * event loop and the completion fd.
 			 */
-			if (ret == 0 && submitting)
+			if (ret == 0 && submitting) {
 				drain(q);
+				/* A completion may have queued a continuation (short transfer, FUA's fsync). */
+				ret = push(uq, "vdiskq_do_io");
+			}
 			return ret;
 		}
 

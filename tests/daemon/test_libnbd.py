@@ -232,3 +232,17 @@ def test_oldstyle_export_name_option(raw_daemon):
     assert h.get_size() == 64 * MiB
     assert h.pread(512, 0)
     h.shutdown()
+
+
+def test_qcow2_multi_conn(qcow2_daemon, qcow2_image):
+    """A writable qcow2 export offers multi-conn: a flush on one connection covers writes that completed on
+    another (one node, node-wide flush); after it the image on disk holds them (qemu-img check, qemu-io)."""
+    from conftest import run
+    a, b = nbd_handle(qcow2_daemon.uri("q0")), nbd_handle(qcow2_daemon.uri("q0"))
+    assert a.can_multi_conn() and b.can_multi_conn()
+    a.pwrite(b"\x5a" * (64 * KiB), 3 * MiB)
+    b.flush()
+    run(["qemu-img", "check", "-U", "-f", "qcow2", str(qcow2_image)])
+    run(["qemu-io", "-r", "-U", "-f", "qcow2", "-c", f"read -P 0x5a {3 * MiB} 64k", str(qcow2_image)])
+    a.shutdown()
+    b.shutdown()
