@@ -248,6 +248,42 @@ static void scheduled_coroutine_runs_once_per_iteration(void **state)
 	assert_false(vd_loop_run_once(l, false));
 }
 
+/* A poller: reschedules itself until the fd handler has run. */
+static void spin_until_readable(void *opaque)
+{
+	struct pipe_test *t = opaque;
+
+	while (!t->calls) {
+		vd_loop_schedule(vd_loop_get(), vd_co_self());
+		vd_co_yield();
+	}
+}
+
+/*
+ * A coroutine that keeps rescheduling itself must not keep the loop from
+ * looking at its fds: here it waits for what only an fd handler can do.
+ */
+static void fds_are_looked_at_while_a_coroutine_spins(void **state)
+{
+	struct pipe_test t = { 0 };
+	struct vd_loop *l = vd_loop_get();
+	int rounds = 0;
+
+	(void)state;
+	assert_int_equal(pipe(t.fds), 0);
+	assert_int_equal(vd_loop_set_fd_handler(l, t.fds[0], POLLIN, on_readable, &t), 0);
+	assert_int_equal(write(t.fds[1], "x", 1), 1);
+	vd_co_enter(vd_co_create(spin_until_readable, &t));
+	while (!t.calls && rounds++ < 100000)
+		vd_loop_run_once(l, true);
+	assert_int_equal(t.calls, 1);
+	while (vd_loop_run_once(l, false)) /* the poller sees it and ends */
+		;
+	vd_loop_del_fd_handler(l, t.fds[0]);
+	close(t.fds[0]);
+	close(t.fds[1]);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -258,6 +294,7 @@ int main(void)
 		cmocka_unit_test(stale_event_after_fd_reuse_ring),
 		cmocka_unit_test(stale_event_after_fd_reuse_poll),
 		cmocka_unit_test(scheduled_coroutine_runs_once_per_iteration),
+		cmocka_unit_test(fds_are_looked_at_while_a_coroutine_spins),
 	};
 	int ret = cmocka_run_group_tests(tests, NULL, NULL);
 
