@@ -47,6 +47,7 @@
 #include "vdisk.h"
 
 struct vd_bnode;
+struct vd_write_order;
 
 /* ---- scatter/gather lists ------------------------------------------------ */
 
@@ -174,6 +175,13 @@ struct vd_format {
 	/* All co_ ops run in a coroutine; offsets/lengths are validated. */
 	int (*co_preadv)(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off, int flags);
 	int (*co_pwritev)(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off, int flags);
+	/*
+	 * Optional: co_pwritev that calls vd_write_order_release(ord) as soon as
+	 * later writes may start without changing where this one's data goes
+	 * (its clusters are allocated); see vd_bnode_co_pwritev_ordered().
+	 */
+	int (*co_pwritev_ordered)(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off,
+				  int flags, struct vd_write_order *ord);
 	int (*co_pwrite_zeroes)(struct vd_bnode *bs, uint64_t off, uint64_t len, int flags);
 	int (*co_pdiscard)(struct vd_bnode *bs, uint64_t off, uint64_t len);
 	/* Write back the format's own caches to bs->file (the framework then flushes children). */
@@ -356,6 +364,23 @@ int vd_parse_size(const char *s, uint64_t *out);
 
 int vd_bnode_co_preadv(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off, int flags);
 int vd_bnode_co_pwritev(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off, int flags);
+/*
+ * A write that a sequence of writes may overlap with the next one: `release`
+ * runs (once, in the writing coroutine, before the write returns) when a
+ * write issued after that point cannot change where this write's data lands
+ * - for a format that allocates (qcow2), once the last of its clusters is
+ * allocated; for others, right before the data write is issued.  So writes
+ * issued in order and released in order give the same image layout as
+ * serial writes, while the target always has one queued.
+ */
+struct vd_write_order {
+	void (*release)(void *opaque);
+	void *opaque;
+	bool released;
+};
+void vd_write_order_release(struct vd_write_order *ord); /* NULL or already released: nothing */
+int vd_bnode_co_pwritev_ordered(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov,
+				size_t qiov_off, int flags, struct vd_write_order *ord);
 int vd_bnode_co_pread(struct vd_bnode *bs, uint64_t off, void *buf, size_t len);
 int vd_bnode_co_pwrite(struct vd_bnode *bs, uint64_t off, const void *buf, size_t len, int flags);
 int vd_bnode_co_pwrite_zeroes(struct vd_bnode *bs, uint64_t off, uint64_t len, int flags);

@@ -287,6 +287,7 @@ struct wsrc {
 	struct vd_qiov *qiov;
 	size_t qiov_off; /* position of the request's first byte */
 	uint64_t off;    /* the request's offset */
+	struct vd_write_order *ord; /* NULL, or released by the one write of the data */
 };
 
 /* Read-modify-write of one partial block: bytes [off, off+n) come from src. */
@@ -310,6 +311,12 @@ typedef int (*mid_writer)(struct vd_bnode *bs, uint64_t off, uint64_t len, const
 
 static int write_mid_data(struct vd_bnode *bs, uint64_t off, uint64_t len, const struct wsrc *src, int flags)
 {
+	if (src->ord && len <= max_chunk(bs)) {
+		if (bs->fmt->co_pwritev_ordered)
+			return bs->fmt->co_pwritev_ordered(bs, off, len, src->qiov, src->qiov_off + (off - src->off), flags,
+							   src->ord);
+		vd_write_order_release(src->ord); /* nothing to allocate: the write is issued next */
+	}
 	return rw_chunks(bs, bs->fmt->co_pwritev, off, len, src->qiov, src->qiov_off + (off - src->off), flags);
 }
 
@@ -372,6 +379,13 @@ static int tracked_write(struct vd_bnode *bs, uint64_t off, uint64_t len, const 
 		return ret;
 	}
 	misaligned = !is_aligned(bs, off, len);
+	if (misaligned && src->ord) {
+		/* Partial blocks are written after the middle: release only at the end. */
+		struct wsrc unordered = *src;
+
+		unordered.ord = NULL;
+		return tracked_write(bs, off, len, &unordered, write_mid, flags);
+	}
 	t_off = vd_align_down(off, align);
 	t_end = vd_align_up(off + len, align);
 	vd_bnode_track_begin(bs, &t, t_off, t_end - t_off, misaligned);
@@ -437,16 +451,27 @@ int vd_bnode_co_preadv(struct vd_bnode *bs, uint64_t off, uint64_t len, struct v
 	return ret;
 }
 
-int vd_bnode_co_pwritev(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off,
-			int flags)
+void vd_write_order_release(struct vd_write_order *ord)
 {
-	struct wsrc src = { .qiov = qiov, .qiov_off = qiov_off, .off = off };
+	if (ord && !ord->released) {
+		ord->released = true;
+		ord->release(ord->opaque);
+	}
+}
+
+int vd_bnode_co_pwritev_ordered(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov,
+				size_t qiov_off, int flags, struct vd_write_order *ord)
+{
+	struct wsrc src = { .qiov = qiov, .qiov_off = qiov_off, .off = off, .ord = ord };
 	bool flush_after;
 	int ret = route(bs);
 
-	if (ret > 0)
-		return forward(&(struct fwd){ .op = FWD_WRITE, .bs = bs, .off = off, .len = len, .qiov = qiov,
-					       .qiov_off = qiov_off, .flags = flags });
+	if (ret > 0) {
+		ret = forward(&(struct fwd){ .op = FWD_WRITE, .bs = bs, .off = off, .len = len, .qiov = qiov,
+					      .qiov_off = qiov_off, .flags = flags });
+		vd_write_order_release(ord);
+		return ret;
+	}
 	if (ret == 0)
 		ret = check_writable(bs, "write");
 
@@ -456,13 +481,22 @@ int vd_bnode_co_pwritev(struct vd_bnode *bs, uint64_t off, uint64_t len, struct 
 		ret = check_qiov(bs, "write", qiov, qiov_off, len);
 	if (ret == 0)
 		ret = check_op(bs, "write", bs->fmt->co_pwritev);
-	if (ret < 0 || len == 0)
+	if (ret < 0 || len == 0) {
+		vd_write_order_release(ord);
 		return ret;
+	}
 	STAT_ADD(bs->wr_ops, 1);
 	STAT_ADD(bs->wr_bytes, len);
 	flags = write_flags(bs, flags, &flush_after);
 	ret = tracked_write(bs, off, len, &src, write_mid_data, flags);
+	vd_write_order_release(ord); /* not done below (error, split or misaligned write) */
 	return finish_write(bs, ret, flush_after);
+}
+
+int vd_bnode_co_pwritev(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qiov_off,
+			int flags)
+{
+	return vd_bnode_co_pwritev_ordered(bs, off, len, qiov, qiov_off, flags, NULL);
 }
 
 int vd_bnode_co_pread(struct vd_bnode *bs, uint64_t off, void *buf, size_t len)

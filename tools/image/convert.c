@@ -18,9 +18,10 @@
  *
  * The copy runs in N coroutines (-m, default 8) on this thread's loop:
  * each takes the next chunk (under a coroutine mutex), reads it, and writes
- * it; writes are kept in order unless -W allows out-of-order writes.  Into
- * raw targets in-order writes are pipelined (see conv_write) and buffered
- * ones go through a thread pool (see open_target).
+ * it; writes are kept in order unless -W allows out-of-order writes.
+ * In-order writes are pipelined (see conv_write), yet a qcow2 target's layout
+ * is that of a serial copy; buffered raw targets go through a thread pool
+ * (see open_target).
  * With -c the chunks are 2 MiB too (not one cluster, as in qemu-img): all-zero
  * clusters are skipped, and qcow2 compresses the clusters of one write in
  * parallel on worker threads before writing them in order, so in-order
@@ -92,7 +93,8 @@ struct conv {
 	uint64_t total;
 	struct vd_bnode *target;
 	bool has_zero_init, compressed, target_has_backing, wr_in_order;
-	bool pipelined; /* in order: the next chunk's writes may start once ours are issued */
+	bool pipelined; /* in order: the next chunk's writes may start before ours complete (conv_write) */
+	bool raw_target;
 	int64_t target_backing_size; /* -1: unknown or none */
 	uint64_t min_sparse;         /* bytes, 0: write everything */
 	uint64_t alignment;          /* of sparse runs on the target (power of two) */
@@ -335,13 +337,27 @@ static void conv_release_order(struct conv *s, uint64_t off, uint64_t n)
 	}
 }
 
+struct conv_order {
+	struct conv *s;
+	uint64_t off, n; /* the chunk */
+};
+
+static void conv_order_released(void *opaque)
+{
+	struct conv_order *o = opaque;
+
+	conv_release_order(o->s, o->off, o->n);
+}
+
 /*
  * Write a chunk, piece by piece.  With in-order writes and `pipelined`, the
- * next chunk may issue its writes as soon as this chunk's last write has been
- * issued (woken coroutines run only after this one yields for that write), so
- * the target always has writes queued instead of idling from one completion
- * to the next submission, while the order in which writes reach the target
- * (and so a qcow2 target's cluster layout) stays that of the guest offsets.
+ * next chunk may issue its writes as soon as this chunk's last write no
+ * longer needs to come first: for a raw target once it is issued, for qcow2
+ * once its clusters are allocated (vd_bnode_co_pwritev_ordered; woken
+ * coroutines run only after this one yields).  So the target always has a
+ * write queued instead of idling from one completion to the next
+ * submission, while the order in which clusters are allocated (a qcow2
+ * target's layout) stays that of the guest offsets, whatever -m is.
  */
 static int conv_write(struct conv *s, uint64_t off, uint64_t n, uint8_t *buf, enum conv_status status,
 		      bool pipelined)
@@ -362,12 +378,23 @@ static int conv_write(struct conv *s, uint64_t off, uint64_t n, uint8_t *buf, en
 				next = next_piece(s, skip_end, off + n - skip_end, buf + (skip_end - off), status);
 			}
 		}
-		if (pipelined && p.op != PIECE_SKIP && (!rest || next.op == PIECE_SKIP))
-			conv_release_order(s, chunk_off, chunk_len);
-		if (p.op == PIECE_DATA)
-			ret = vd_bnode_co_pwrite(s->target, p.off, buf + (p.off - off), p.len, s->write_flags);
-		else if (p.op == PIECE_ZEROES)
+		bool last = !rest || next.op == PIECE_SKIP;
+
+		if (p.op == PIECE_DATA) {
+			struct conv_order o = { .s = s, .off = chunk_off, .n = chunk_len };
+			struct vd_write_order ord = { .release = conv_order_released, .opaque = &o };
+			struct vd_qiov q;
+
+			vd_qiov_init_buf(&q, buf + (p.off - off), p.len);
+			ret = vd_bnode_co_pwritev_ordered(s->target, p.off, p.len, &q, 0, s->write_flags,
+							  pipelined && last ? &ord : NULL);
+			vd_qiov_destroy(&q);
+		} else if (p.op == PIECE_ZEROES) {
+			/* Zeroes may allocate metadata (qcow2 L2 tables): released early only into raw. */
+			if (pipelined && last && s->raw_target)
+				conv_release_order(s, chunk_off, chunk_len);
 			ret = vd_bnode_co_pwrite_zeroes(s->target, p.off, p.len, VD_BREQ_MAY_UNMAP);
+		}
 		if (ret < 0)
 			break;
 		if (!rest || next.op == PIECE_SKIP)
@@ -518,8 +545,9 @@ static int conv_do_copy(struct conv *s, bool progress)
  * measured slower and costlier in CPU once several writes are queued
  * (pipelined, see conv_write); a pool of threads was the fastest of the
  * variants measured (bench/RESULTS.md).  qcow2 targets stay on io_uring
- * (their writes are not pipelined, and the file node restarts its I/O
- * instance when the file grows, which costs a thread pool more).  Only for
+ * (a thread pool measured no faster for them, 1 GiB half-full raw->qcow2,
+ * and the file node restarts its I/O instance when the file grows, which
+ * costs a thread pool more).  Only for
  * a target named by a plain file name: an option string or json: spec says
  * what it wants.
  */
@@ -842,11 +870,11 @@ int vd_img_convert(int argc, char **argv)
 			s.buf_size = s.cluster_size;
 	}
 	/*
-	 * Pipelined in-order writes only into raw targets: a format that
-	 * allocates (qcow2) may yield between the allocations of one write, so
-	 * overlapping writes would make its layout depend on -m.
+	 * Compressed writes are not pipelined: qcow2 compresses the clusters of
+	 * one write on every CPU already, and allocates only after that.
 	 */
-	s.pipelined = s.wr_in_order && !s.compressed && !strcmp(img_fmt_name(s.target), "raw");
+	s.raw_target = !strcmp(img_fmt_name(s.target), "raw");
+	s.pipelined = s.wr_in_order && !s.compressed;
 	s.alignment = pow2floor(s.min_sparse);
 	if (s.alignment < IMG_SECTOR)
 		s.alignment = IMG_SECTOR;

@@ -220,7 +220,7 @@ static int write_one_compressed(struct qcow2_state *s, uint64_t off, uint64_t le
 	if ((entry & QCOW2_OFLAG_COMPRESSED) || (entry & L2E_OFFSET_MASK)) {
 		/* Already allocated: overwrite normally. */
 		vd_co_mutex_unlock(&s->lock);
-		return qcow2_do_pwritev(s, off, len, qiov, qoff, 0);
+		return qcow2_do_pwritev(s, off, len, qiov, qoff, 0, NULL);
 	}
 	coff = qcow2_alloc_bytes(s, (uint64_t)clen);
 	if (coff < 0) {
@@ -351,7 +351,7 @@ int qcow2_co_pwrite_compressed(struct qcow2_state *s, uint64_t off, uint64_t len
 				while (j < nb && clen[j] == -ENOSPC)
 					j++;
 				b = j * cs < bytes ? j * cs : bytes;
-				ret = qcow2_do_pwritev(s, off + a, b - a, qiov, qoff + a, 0);
+				ret = qcow2_do_pwritev(s, off + a, b - a, qiov, qoff + a, 0, NULL);
 			} else if (clen[i] < 0) {
 				ret = vd_error((int)-clen[i], "qcow2: compression failed");
 			} else {

@@ -268,7 +268,7 @@ static int write_host(struct qcow2_state *s, uint64_t host, uint64_t n, struct v
 }
 
 static int write_in_place(struct qcow2_state *s, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qoff,
-			  int flags, uint64_t *done)
+			  int flags, struct vd_write_order *ord, uint64_t *done)
 {
 	struct qcow2_host_io io;
 	uint8_t *l2;
@@ -292,6 +292,8 @@ static int write_in_place(struct qcow2_state *s, uint64_t off, uint64_t len, str
 		ret = qcow2_ensure_file(s, r.host + r.bytes);
 		vd_co_mutex_unlock(&s->lock);
 	}
+	if (ret == 0 && r.bytes == len)
+		vd_write_order_release(ord); /* the rest of the write allocates nothing */
 	if (ret == 0)
 		ret = write_host(s, r.host, r.bytes, qiov, qoff, flags & VD_BREQ_FUA);
 	qcow2_host_io_end(s, &io);
@@ -359,7 +361,7 @@ static bool all_normal(struct qcow2_state *s, uint64_t entry, uint64_t bitmap, u
  * are not yet data.  *done = 0 means "retry the in-place path".
  */
 static int write_allocating(struct qcow2_state *s, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qoff,
-			    uint64_t *done)
+			    struct vd_write_order *ord, uint64_t *done)
 {
 	uint64_t cs = s->cluster_size, l2_span = 1ULL << (s->cluster_bits + s->l2_bits);
 	uint64_t c0, c1, k, end, cbase, host, cow_s, cow_e, data_end;
@@ -456,6 +458,8 @@ again:
 	qcow2_cache_put(&s->l2_cache, l2);
 	inflight_add(s, &inf, c0, c0 + k);
 	vd_co_mutex_unlock(&s->lock);
+	if (end == off + len)
+		vd_write_order_release(ord); /* the last allocation of this write is made */
 
 	/* Data: head copy + guest data + tail copy, one write into the cluster(s). */
 	data_end = end;
@@ -583,17 +587,18 @@ out_unlock:
 	return ret;
 }
 
-int qcow2_do_pwritev(struct qcow2_state *s, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qoff, int flags)
+int qcow2_do_pwritev(struct qcow2_state *s, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qoff, int flags,
+		     struct vd_write_order *ord)
 {
 	uint64_t done;
 	int ret;
 
 	while (len > 0) {
-		ret = write_in_place(s, off, len, qiov, qoff, flags, &done);
+		ret = write_in_place(s, off, len, qiov, qoff, flags, ord, &done);
 		if (ret < 0)
 			return ret;
 		if (!done) {
-			ret = write_allocating(s, off, len, qiov, qoff, &done);
+			ret = write_allocating(s, off, len, qiov, qoff, ord, &done);
 			if (ret < 0)
 				return ret;
 		}
@@ -616,7 +621,8 @@ static int write_flush_fua(struct qcow2_state *s)
 	return ret;
 }
 
-int qcow2_co_pwritev(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qoff, int flags)
+int qcow2_co_pwritev_ordered(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qoff,
+			     int flags, struct vd_write_order *ord)
 {
 	struct qcow2_state *s = bs->opaque;
 	int ret = 0;
@@ -633,18 +639,23 @@ int qcow2_co_pwritev(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_
 										    : len;
 				ret = qcow2_co_pwrite_compressed(s, off, n, qiov, qoff);
 			} else {
-				ret = qcow2_do_pwritev(s, off, n, qiov, qoff, flags & ~VD_BREQ_FUA);
+				ret = qcow2_do_pwritev(s, off, n, qiov, qoff, flags & ~VD_BREQ_FUA, NULL);
 			}
 			off += n;
 			qoff += n;
 			len -= n;
 		}
 	} else {
-		ret = qcow2_do_pwritev(s, off, len, qiov, qoff, flags & ~VD_BREQ_FUA);
+		ret = qcow2_do_pwritev(s, off, len, qiov, qoff, flags & ~VD_BREQ_FUA, ord);
 	}
 	if (ret == 0 && (flags & VD_BREQ_FUA))
 		ret = write_flush_fua(s);
 	return ret;
+}
+
+int qcow2_co_pwritev(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qoff, int flags)
+{
+	return qcow2_co_pwritev_ordered(bs, off, len, qiov, qoff, flags, NULL);
 }
 
 /* ---------------------------------------------------------------------------
@@ -664,7 +675,7 @@ static int write_zero_buffer(struct qcow2_state *s, uint64_t off, uint64_t len)
 		struct vd_qiov q;
 		size_t n = len < bl ? (size_t)len : bl;
 		vd_qiov_init_buf(&q, buf, n);
-		ret = qcow2_do_pwritev(s, off, n, &q, 0, 0);
+		ret = qcow2_do_pwritev(s, off, n, &q, 0, 0, NULL);
 		vd_qiov_destroy(&q);
 		off += n;
 		len -= n;

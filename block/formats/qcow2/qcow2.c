@@ -1529,6 +1529,7 @@ const struct vd_format vd_format_qcow2 = {
 	.close = qcow2_close,
 	.co_preadv = qcow2_co_preadv,
 	.co_pwritev = qcow2_co_pwritev,
+	.co_pwritev_ordered = qcow2_co_pwritev_ordered,
 	.co_pwrite_zeroes = qcow2_co_pwrite_zeroes,
 	.co_pdiscard = qcow2_co_pdiscard,
 	.co_flush = qcow2_co_flush,

@@ -531,6 +531,8 @@ int qcow2_rc_after_unref(struct qcow2_state *s);
 
 int qcow2_co_preadv(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qoff, int flags);
 int qcow2_co_pwritev(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qoff, int flags);
+int qcow2_co_pwritev_ordered(struct vd_bnode *bs, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qoff,
+			     int flags, struct vd_write_order *ord);
 int qcow2_co_pwrite_zeroes(struct vd_bnode *bs, uint64_t off, uint64_t len, int flags);
 int qcow2_co_pdiscard(struct vd_bnode *bs, uint64_t off, uint64_t len);
 /* Drop every active cluster (full discard: unallocated, not zero); snapshots keep theirs. */
@@ -540,7 +542,8 @@ int qcow2_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, uint6
 /* Internal read of guest range (for COW): reads through backing / zero / compressed. */
 int qcow2_read_guest(struct qcow2_state *s, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qoff);
 /* Guest write without compression/FUA handling (in place or allocating).  Lock not held. */
-int qcow2_do_pwritev(struct qcow2_state *s, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qoff, int flags);
+int qcow2_do_pwritev(struct qcow2_state *s, uint64_t off, uint64_t len, struct vd_qiov *qiov, size_t qoff, int flags,
+		     struct vd_write_order *ord);
 /*
  * Zero / discard guest clusters [off, off+len): zero needs (sub)cluster alignment, discard whole
  * clusters (the last one may end the image).  Lock held by the caller.  Zero returns -ENOTSUP
