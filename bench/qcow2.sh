@@ -265,6 +265,7 @@ EOF
 measure() { # kind name tool count cmd args...
 	local kind=$1 name=$2 tool=$3 count=$4 out=$WORK/out val
 	shift 4
+	sync # dirty pages of an earlier run must not be written back during this one
 	if "$@" && val=$(extract "$kind" "$tool" "$out" "$count" 2>>"$out.err"); then
 		printf '%s\t%s\t%s\t%s\n' "$kind" "$name" "$tool" "$val" >>"$RAW"
 		echo "$val"

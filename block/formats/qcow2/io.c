@@ -355,6 +355,54 @@ static bool all_normal(struct qcow2_state *s, uint64_t entry, uint64_t bitmap, u
 	return true;
 }
 
+/* Do subclusters [a, b) (relative, b > a) of this cluster read as zeroes (no backing data, no data)? */
+static bool cow_reads_zero(struct qcow2_state *s, uint64_t entry, uint64_t bitmap, uint64_t cbase, uint64_t a,
+			   uint64_t b)
+{
+	for (uint32_t sc = (uint32_t)(a >> s->sc_bits); sc <= (uint32_t)((b - 1) >> s->sc_bits); sc++) {
+		enum qcow2_sc_type t = qcow2_sc_type(s->extl2, entry, bitmap, sc);
+
+		if (qcow2_sc_type_is_zero(t))
+			continue;
+		if (!qcow2_sc_type_is_unalloc(t))
+			return false;
+		if (s->bs->backing ? cbase + ((uint64_t)sc << s->sc_bits) < s->bs->backing->size
+				   : s->bs->backing_file[0] != 0)
+			return false; /* the backing file's data shows through */
+	}
+	return true;
+}
+
+/*
+ * Copy-on-write regions that read as zero, into a file written through the
+ * page cache: zero the new cluster range with one fallocate and write only
+ * the guest data, as QEMU does, instead of writing whole clusters of zero
+ * buffers (a 4k write into a new 64k cluster dirtied 16 times the page
+ * cache).  With O_DIRECT one combined write measured faster (bench/RESULTS.md).
+ * 1: done; 0: not done, write head + data + tail; <0: error.
+ */
+static int write_data_after_zeroing(struct qcow2_state *s, uint64_t host, uint64_t len, uint64_t data_host,
+				    uint64_t data_len, struct vd_qiov *qiov, size_t qoff)
+{
+	int ret;
+
+	if (s->bs->file->cache.direct || s->no_fast_zero)
+		return 0;
+	ret = qcow2_overlap_check(s, 0, host, len);
+	if (ret == 0)
+		ret = vd_bnode_co_pwrite_zeroes(s->bs->file, host, len, VD_BREQ_NO_FALLBACK);
+	if (ret == -ENOTSUP) {
+		vd_error_clear();
+		s->no_fast_zero = true;
+		return 0;
+	}
+	if (ret == 0)
+		ret = write_host(s, data_host, data_len, qiov, qoff, 0);
+	if (ret == 0 && host + len > s->host_end)
+		s->host_end = host + len;
+	return ret < 0 ? ret : 1;
+}
+
 /*
  * One allocating step at guest `off`: either a run of clusters that need new
  * host clusters, or one existing (COPIED) cluster whose touched subclusters
@@ -370,7 +418,7 @@ static int write_allocating(struct qcow2_state *s, uint64_t off, uint64_t len, s
 	struct vd_qiov q;
 	uint8_t *l2, *head = NULL, *tail = NULL;
 	uint64_t head_len, tail_len;
-	bool inplace;
+	bool inplace, zero_cow;
 	uint32_t idx0;
 	int ret;
 
@@ -455,6 +503,14 @@ again:
 		}
 		host = (uint64_t)nh;
 	}
+	{
+		uint64_t last = (c0 + k - 1) << s->cluster_bits;
+
+		if (inplace)
+			el = e0, bl = b0;
+		zero_cow = (cow_s == off || cow_reads_zero(s, e0, b0, cbase, cow_s - cbase, off - cbase)) &&
+			   (cow_e == end || cow_reads_zero(s, el, bl, last, end - last, cow_e - last));
+	}
 	qcow2_cache_put(&s->l2_cache, l2);
 	inflight_add(s, &inf, c0, c0 + k);
 	vd_co_mutex_unlock(&s->lock);
@@ -467,6 +523,12 @@ again:
 	tail_len = cow_e - data_end;
 	vd_qiov_init(&q);
 	ret = 0;
+	if (zero_cow && (head_len || tail_len)) {
+		ret = write_data_after_zeroing(s, host + (cow_s - cbase), cow_e - cow_s, host + (off - cbase),
+					       data_end - off, qiov, qoff);
+		if (ret != 0)
+			goto linked_data; /* done (1) or failed */
+	}
 	if (head_len) {
 		head = vd_blk_alloc(head_len);
 		if (!head)
@@ -499,6 +561,9 @@ again:
 		ret = qcow2_overlap_check(s, 0, host + (cow_s - cbase), cow_e - cow_s);
 	if (ret == 0)
 		ret = write_host(s, host + (cow_s - cbase), cow_e - cow_s, &q, 0, 0);
+linked_data:
+	if (ret > 0)
+		ret = 0;
 	vd_qiov_destroy(&q);
 	vd_blk_free(head);
 	vd_blk_free(tail);

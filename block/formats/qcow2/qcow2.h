@@ -321,6 +321,7 @@ struct qcow2_state {
 	uint64_t alloc_end;        /* end of the highest cluster allocated in this session */
 	uint64_t size_at_open;     /* file size when opened */
 	bool file_grown;           /* we extended the file ahead of allocations (trimmed at close) */
+	bool no_fast_zero;         /* the file cannot zero a range without writing (fallocate failed) */
 
 	/* Modes. */
 	bool writable;
