@@ -93,6 +93,7 @@ struct ur_queue {
 	int fd;                /* 0 (registered index) or v->dev_fd */
 	unsigned char sqe_flags;
 	int hint;              /* last slot used for a fixed buffer, -1 */
+	bool pushed_early;     /* submit_early() pushed SQEs since the last reap */
 	unsigned char buf_ok[UR_MAX_BUFS]; /* slot registered in this ring (atomic) */
 };
 
@@ -625,6 +626,27 @@ static struct io_uring_sqe *get_sqe(struct ur_queue *uq)
 	return sqe;
 }
 
+/*
+ * The kernel plugs a multi-SQE submission: no request of the batch reaches
+ * the device until the whole batch has gone through the submission path
+ * (file system, block layer), so a batch of 32 O_DIRECT 4k random reads
+ * keeps the device waiting.  Pushing every UR_SUBMIT_BATCH SQEs lets the
+ * device start on the first ones while the rest are prepared, and small
+ * batches still merge adjacent requests in the plug.  Measured on a virtio
+ * disk (bench --direct=1 4k QD32, one queue): random reads 76k IOPS with
+ * whole batches, 85-95k with 8 (fio and qemu-img bench: 95-105k);
+ * sequential reads 190-220k either way (one SQE per submission: 100k).
+ */
+#define UR_SUBMIT_BATCH 8
+
+static void submit_early(struct ur_queue *uq)
+{
+	if (uq->sqpoll || io_uring_sq_ready(&uq->ring) < UR_SUBMIT_BATCH)
+		return;
+	if (io_uring_submit(&uq->ring) > 0) /* a failure is retried (and reported) by the next push() */
+		uq->pushed_early = true;
+}
+
 /* Write-zeroes as one fallocate; mode chosen exactly as vd_file_write_zeroes() does. */
 static int zeroes_mode(struct vdisk *v, uint32_t flags)
 {
@@ -676,6 +698,7 @@ static int ur_submit(struct vdiskq *q, struct vd_request *r)
 		p->done = 0;
 		p->buf_index = r->iovcnt == 1 ? fixed_index(v, uq, r->iov[0].iov_base, r->iov[0].iov_len) : -1;
 		prep_rw(uq, r, sqe);
+		submit_early(uq);
 		return 0;
 
 	case VD_OP_FLUSH:
@@ -863,8 +886,10 @@ static int ur_reap(struct vdiskq *q, bool wait, const struct timespec *deadline)
 			finished = drain(q);
 		}
 		if (finished > 0 || !wait || q->n_inflight == 0) {
-			bool submitting = io_uring_sq_ready(&uq->ring) > 0;
+			bool submitting = uq->pushed_early || io_uring_sq_ready(&uq->ring) > 0;
 			int ret = push(uq, "vdiskq_do_io");
+
+			uq->pushed_early = false;
 
 			/*
 			 * Buffered reads that hit the page cache (and other requests the
