@@ -4,7 +4,10 @@
  * doing its I/O through libvdisk.
  *
  * Options: filename (required); aio = io_uring (default) | native
- * (linux-aio, needs cache.direct as in QEMU) | threads | sync.  cache.direct
+ * (linux-aio, needs cache.direct as in QEMU) | threads | sync;
+ * aio-threads = the number of worker threads of aio=threads (libvdisk's
+ * num-threads, default 8) -- per thread that issues requests, since each
+ * has its own instance (below).  cache.direct
  * opens with O_DIRECT; the framework then aligns requests to libvdisk's
  * request-alignment, and this file bounces buffers whose addresses are not
  * aligned to buf-alignment.
@@ -48,6 +51,7 @@
 #include "block-int.h"
 
 #define FILE_MAX_THREADS 64
+#define FILE_MAX_AIO_THREADS 256 /* libvdisk's threads driver takes no more */
 
 /* One thread's libvdisk instance; a cache line of its own (in_flight changes on every request). */
 struct __attribute__((aligned(64))) file_slot {
@@ -62,6 +66,7 @@ struct __attribute__((aligned(64))) file_slot {
 struct file_state {
 	int fd;            /* plain fd: lseek, fstat, ftruncate */
 	const char *driver; /* libvdisk driver */
+	uint64_t aio_threads; /* aio=threads: worker threads per instance; 0: the driver's default */
 	uint32_t buf_align;
 	int max_segments;
 
@@ -121,6 +126,8 @@ static int configure(struct vd_bnode *bs, struct file_state *st, struct vdisk *v
 		ret = vdisk_set_bool(v, "read-only", bs->read_only);
 	if (ret == 0)
 		ret = vdisk_set_bool(v, "direct", bs->cache.direct);
+	if (ret == 0 && st->aio_threads)
+		ret = vdisk_set_int(v, "num-threads", (int)st->aio_threads);
 	return ret;
 }
 
@@ -265,8 +272,14 @@ static int file_open(struct vd_bnode *bs, json_t *opts, int flags)
 	if (!bs->filename || !bs->filename[0])
 		return vd_error(EINVAL, "driver 'file' needs a 'filename'");
 	ret = aio_to_driver(bs, vd_opt_str(opts, "aio", "io_uring"), &st->driver);
+	if (ret == 0)
+		ret = vd_opt_u64(opts, "aio-threads", 0, &st->aio_threads);
 	if (ret < 0)
 		return ret;
+	if (json_object_get(opts, "aio-threads") && (strcmp(st->driver, "threads") || st->aio_threads < 1 ||
+						     st->aio_threads > FILE_MAX_AIO_THREADS))
+		return vd_error(EINVAL, "file '%s': aio-threads must be 1..%d and needs aio=threads", bs->filename,
+				FILE_MAX_AIO_THREADS);
 	ret = start_instance(bs, st, &st->slots[0], true);
 	if (ret < 0)
 		goto fail;
@@ -709,7 +722,7 @@ static int file_create(const struct vd_create_opts *o)
 	return vd_create_file(o->filename, o->size, vd_opt_str(o->opts, "preallocation", NULL));
 }
 
-static const char *const file_options[] = { NULL }; /* filename, aio: generic */
+static const char *const file_options[] = { "aio-threads", NULL }; /* filename, aio: generic */
 
 const struct vd_format vd_format_file = {
 	.name = "file",

@@ -507,6 +507,30 @@ static void bad_options_are_refused(void **state)
 	snprintf(spec, sizeof(spec), "driver=raw,filename=%s", f->path);
 	assert_null(vd_bnode_open(spec, "file", NULL, 0));
 	assert_non_null(strstr(vdisk_get_error_msg(), "was asked for"));
+	snprintf(spec, sizeof(spec), "driver=raw,file.driver=file,file.filename=%s,file.aio-threads=2", f->path);
+	assert_null(vd_bnode_open(spec, NULL, NULL, 0)); /* io_uring has no worker threads */
+	assert_non_null(strstr(vdisk_get_error_msg(), "needs aio=threads"));
+	snprintf(spec, sizeof(spec), "driver=raw,file.driver=file,file.filename=%s,file.aio=threads,file.aio-threads=0",
+		 f->path);
+	assert_null(vd_bnode_open(spec, NULL, NULL, 0));
+	assert_non_null(strstr(vdisk_get_error_msg(), "aio-threads must be"));
+}
+
+static void aio_threads_sets_the_pool(void **state)
+{
+	struct fixture *f = *state;
+	char spec[8192], w[4096], r[4096];
+	struct vd_bnode *bs;
+
+	snprintf(spec, sizeof(spec), "driver=raw,file.driver=file,file.filename=%s,file.aio=threads,file.aio-threads=1",
+		 f->path);
+	bs = vd_bnode_open(spec, NULL, NULL, VD_BO_RDWR);
+	assert_non_null(bs);
+	memset(w, 0x5a, sizeof(w));
+	assert_int_equal(vd_bnode_pwrite(bs, 8192, w, sizeof(w), 0), 0);
+	assert_int_equal(vd_bnode_pread(bs, 8192, r, sizeof(r)), 0);
+	assert_memory_equal(w, r, sizeof(w));
+	vd_bnode_unref(bs);
 }
 
 static void create_preallocates(void **state)
@@ -554,6 +578,7 @@ int main(void)
 		PLAIN(unsafe_drops_flushes),
 		PLAIN(probing_finds_raw),
 		PLAIN(bad_options_are_refused),
+		PLAIN(aio_threads_sets_the_pool),
 		PLAIN(create_preallocates),
 	};
 	int ret = cmocka_run_group_tests(tests, NULL, NULL);
