@@ -88,3 +88,26 @@ def compile_client(source, out):
 def kv_lines(text):
     """Parse `key=value` lines (vdisk-io `info`) into a dict."""
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def unix_listening(path):
+    """True once a socket bound at path is listening (not merely bound).
+
+    The socket file appears at bind(), before listen(): a client connecting
+    in between is refused.  /proc/net/unix shows the listening flag
+    (__SO_ACCEPTCON, 0x10000) without connecting, so a server that serves
+    only one client is not used up by the check.
+    """
+    path = str(path)
+    if not os.path.exists(path):
+        return False
+    try:
+        with open("/proc/net/unix") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+                    return True
+    except OSError:
+        return True  # no procfs: fall back to the file's existence
+    return False

@@ -27,6 +27,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BUILD = Path(os.environ.get("VDISK_BUILD", REPO / "build")).resolve()
 VDISKD = BUILD / "daemon" / "vdiskd"
+
+import sys  # noqa: E402
+sys.path.insert(0, str(REPO / "tests"))
+from vdtest import unix_listening  # noqa: E402
 TIMEOUT = 60
 KiB = 1024
 MiB = 1024 * 1024
@@ -161,7 +165,7 @@ class Daemon:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         try:
-            wait_for(lambda: self.ctl_path.exists() or self.proc.poll() is not None, what="the control socket")
+            wait_for(lambda: unix_listening(self.ctl_path) or self.proc.poll() is not None, what="the control socket")
         except AssertionError:
             self.proc.kill()
             raise

@@ -28,7 +28,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vdtest import (BUILD, REPO, TIMEOUT, check_sanitizers, compile_client, find_built, kv_lines,  # noqa: E402,F401
-                    requires, run)
+                    requires, run, unix_listening)
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +60,7 @@ class Server:
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.argv} exited: {self.proc.stderr.read().decode(errors='replace')}")
-            if self.sock and os.path.exists(self.sock):
+            if self.sock and unix_listening(self.sock):
                 return
             if self.port:
                 try:

@@ -30,7 +30,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vdtest import (BUILD, REPO, TIMEOUT, check_sanitizers, compile_client, find_built, kv_lines,  # noqa: E402,F401
-                    requires, run)
+                    requires, run, unix_listening)
 
 DRIVER = "virtio-blk-vhost-user"
 MiB = 1 << 20
@@ -47,7 +47,7 @@ class Backend:
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True)
         end = time.monotonic() + 15
-        while not os.path.exists(self.sock):
+        while not unix_listening(self.sock):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.argv} exited: {self.proc.stderr.read().decode(errors='replace')}")
             if time.monotonic() > end:

@@ -16,6 +16,8 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import vm  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from vdtest import unix_listening  # noqa: E402
 
 MiB = 1024 * 1024
 TIMEOUT = 60
@@ -86,10 +88,10 @@ def test_vhost_user_blk(image, tmp_path):
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         for _ in range(100):
-            if sock.exists() or d.poll() is not None:
+            if unix_listening(sock) or d.poll() is not None:
                 break
             time.sleep(0.05)
-        assert sock.exists(), d.stdout.read() if d.poll() is not None else "no socket"
+        assert unix_listening(sock), d.stdout.read() if d.poll() is not None else "no socket"
         res = vm.run_in_guest(
             "cat /sys/block/vda/mq/*/nr_tags >/dev/null; ls /sys/block/vda/mq | wc -l;"
             " md5sum </dev/vda | cut -d' ' -f1;"
