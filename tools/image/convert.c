@@ -208,6 +208,17 @@ static int conv_read(struct conv *s, uint64_t off, uint64_t n, uint8_t *buf)
 	return 0;
 }
 
+/* Most sectors of data have a non-zero first word: no call to scan them. */
+static inline bool sector_starts_with_data(const uint8_t *p, uint64_t len)
+{
+	uint64_t w;
+
+	if (len < sizeof(w))
+		return false;
+	memcpy(&w, p, sizeof(w));
+	return w != 0;
+}
+
 /*
  * qemu's is_allocated_sectors(): is the first 512-byte sector of buf data?
  * *pnum = bytes with the same state, ends moved to `align` boundaries.
@@ -225,8 +236,10 @@ static bool is_allocated_run(const uint8_t *buf, uint64_t n, uint64_t *pnum, uin
 	is_zero = img_is_zero(buf, first);
 	for (i = first; i < n;) {
 		uint64_t l = n - i < IMG_SECTOR ? n - i : IMG_SECTOR;
-		if (img_is_zero(buf + i, l) != is_zero)
-			break;
+		if (is_zero || !sector_starts_with_data(buf + i, l)) {
+			if (img_is_zero(buf + i, l) != is_zero)
+				break;
+		}
 		i += l;
 	}
 	if (i == n) {
