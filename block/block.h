@@ -198,6 +198,13 @@ struct vd_format {
 	int (*co_block_status)(struct vd_bnode *bs, uint64_t off, uint64_t len, uint64_t *pnum, uint64_t *map,
 			       struct vd_bnode **file);
 	int (*co_truncate)(struct vd_bnode *bs, uint64_t size, bool exact, const char *prealloc);
+	/*
+	 * Optional, for zero-copy reads (see vd_bnode_map_to_fd): the open file
+	 * whose page cache holds [off, off+len), and where.  Only for nodes
+	 * whose mapping never moves under a reader (raw: a fixed shift) and
+	 * buffered protocol leaves; -ENOTSUP otherwise.  Must not block.
+	 */
+	int (*map_to_fd)(struct vd_bnode *bs, uint64_t off, uint64_t len, int *fd, uint64_t *fd_off);
 	/* Bytes the node occupies on its host (actual-size), -errno if unknown. */
 	int64_t (*get_allocated_size)(struct vd_bnode *bs);
 
@@ -388,6 +395,17 @@ int vd_bnode_co_pdiscard(struct vd_bnode *bs, uint64_t off, uint64_t len);
 int vd_bnode_co_flush(struct vd_bnode *bs);
 int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, uint64_t *pnum, uint64_t *map,
 			     struct vd_bnode **file);
+/*
+ * Where a read of [off, off+len) would get its bytes, when that is the page
+ * cache of an open file at *fd_off (raw over a buffered file, any depth):
+ * the caller may splice or sendfile them instead of reading into a buffer,
+ * and the read is counted in the nodes' statistics.  -ENOTSUP when the
+ * graph cannot promise that (a format with its own mapping, O_DIRECT,
+ * read-modify-write alignment, a resize in progress); -EAGAIN when part of
+ * the range is not cached (a splice would wait for the disk).  Never
+ * blocks; any thread.
+ */
+int vd_bnode_map_to_fd(struct vd_bnode *bs, uint64_t off, uint64_t len, int *fd, uint64_t *fd_off);
 /*
  * Hold top's backing chain for a walk (from any thread): a stream cannot
  * switch the chain, and free the nodes walked, until the release.  A walk

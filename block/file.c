@@ -46,6 +46,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "block-int.h"
@@ -717,6 +718,59 @@ static int64_t file_allocated_size(struct vd_bnode *bs)
 	return (int64_t)s.st_blocks * 512;
 }
 
+#ifndef __NR_cachestat
+#define __NR_cachestat 451 /* Linux 6.5; glibc 2.36 has no wrapper */
+#endif
+
+struct page_cache_range {
+	uint64_t off, len;
+};
+
+struct page_cache_stat {
+	uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+
+/*
+ * Is every page of [off, off+len) in the page cache?  Then splicing it
+ * takes page references without waiting for the disk.  -ENOSYS (older
+ * kernels) is remembered: nothing is ever spliced there.
+ */
+static bool range_cached(int fd, uint64_t off, uint64_t len)
+{
+	static int unsupported;
+	struct page_cache_range range = { off, len };
+	struct page_cache_stat cs;
+	uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+	uint64_t pages = (off + len + page - 1) / page - off / page;
+
+	if (__atomic_load_n(&unsupported, __ATOMIC_RELAXED))
+		return false;
+	if (syscall(__NR_cachestat, fd, &range, &cs, 0) < 0) {
+		if (errno == ENOSYS)
+			__atomic_store_n(&unsupported, 1, __ATOMIC_RELAXED);
+		return false;
+	}
+	return cs.nr_cache >= pages;
+}
+
+/*
+ * Buffered only (with cache.direct the page cache must stay out of the
+ * data path), and only ranges already cached: -EAGAIN for the others, whose
+ * read the caller does the usual way (asynchronously, filling the cache).
+ */
+static int file_map_to_fd(struct vd_bnode *bs, uint64_t off, uint64_t len, int *fd, uint64_t *fd_off)
+{
+	struct file_state *st = bs->opaque;
+
+	if (bs->cache.direct || st->fd < 0 || __atomic_load_n(&st->resizing, __ATOMIC_SEQ_CST))
+		return -ENOTSUP;
+	if (!range_cached(st->fd, off, len))
+		return -EAGAIN;
+	*fd = st->fd;
+	*fd_off = off;
+	return 0;
+}
+
 static int file_create(const struct vd_create_opts *o)
 {
 	return vd_create_file(o->filename, o->size, vd_opt_str(o->opts, "preallocation", NULL));
@@ -741,5 +795,6 @@ const struct vd_format vd_format_file = {
 	.co_block_status = file_block_status,
 	.co_truncate = file_truncate,
 	.get_allocated_size = file_allocated_size,
+	.map_to_fd = file_map_to_fd,
 	.create = file_create,
 };

@@ -451,6 +451,20 @@ int vd_bnode_co_preadv(struct vd_bnode *bs, uint64_t off, uint64_t len, struct v
 	return ret;
 }
 
+int vd_bnode_map_to_fd(struct vd_bnode *bs, uint64_t off, uint64_t len, int *fd, uint64_t *fd_off)
+{
+	int ret;
+
+	if (!bs->fmt->map_to_fd || bs->request_alignment > 1 || len == 0 || off > bs->size || len > bs->size - off)
+		return -ENOTSUP;
+	ret = bs->fmt->map_to_fd(bs, off, len, fd, fd_off);
+	if (ret == 0) {
+		STAT_ADD(bs->rd_ops, 1);
+		STAT_ADD(bs->rd_bytes, len);
+	}
+	return ret;
+}
+
 void vd_write_order_release(struct vd_write_order *ord)
 {
 	if (ord && !ord->released) {

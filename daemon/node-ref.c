@@ -126,6 +126,11 @@ static int ref_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const ch
 	return ret;
 }
 
+static int ref_map_to_fd(struct vd_bnode *bs, uint64_t off, uint64_t len, int *fd, uint64_t *fd_off)
+{
+	return vd_bnode_map_to_fd(target(bs), off, len, fd, fd_off);
+}
+
 static int64_t ref_allocated_size(struct vd_bnode *bs)
 {
 	return vd_bnode_allocated_size(target(bs));
@@ -140,6 +145,7 @@ const struct vd_format vdd_format_node_ref = {
 	.open = ref_open,
 	.close = ref_close,
 	.co_preadv = ref_preadv,
+	.map_to_fd = ref_map_to_fd,
 	.co_pwritev = ref_pwritev,
 	.co_pwrite_zeroes = ref_pwrite_zeroes,
 	.co_pdiscard = ref_pdiscard,

@@ -102,6 +102,14 @@ static int raw_probe(const uint8_t *buf, size_t len)
 	return 1;
 }
 
+/* A fixed shift into the file: the file decides whether its bytes can be spliced. */
+static int raw_map_to_fd(struct vd_bnode *bs, uint64_t off, uint64_t len, int *fd, uint64_t *fd_off)
+{
+	struct raw_state *s = bs->opaque;
+
+	return vd_bnode_map_to_fd(bs->file, off + s->offset, len, fd, fd_off);
+}
+
 static int raw_create(const struct vd_create_opts *o)
 {
 	return vd_create_file(o->filename, o->size, vd_opt_str(o->opts, "preallocation", NULL));
@@ -123,5 +131,6 @@ const struct vd_format vd_format_raw = {
 	.co_pdiscard = raw_pdiscard,
 	.co_block_status = raw_block_status,
 	.co_truncate = raw_truncate,
+	.map_to_fd = raw_map_to_fd,
 	.create = raw_create,
 };
