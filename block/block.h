@@ -99,6 +99,7 @@ enum {
 	VD_BS_ALLOCATED = 1 << 3,    /* this layer answers for the range (not the backing) */
 	VD_BS_EOF = 1 << 4,
 	VD_BS_RECURSE = 1 << 5, /* ask *file for the real answer (raw over file) */
+	VD_BS_PROBE_FILE = 1 << 6, /* DATA at *map: *file may know some of it reads as zeroes (QEMU's RECURSE) */
 };
 
 /* ---- cache modes ---------------------------------------------------------- */

@@ -723,6 +723,33 @@ static int format_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, 
 	return ret;
 }
 
+/*
+ * VD_BS_PROBE_FILE: data of a format (a qcow2 data cluster) may lie in a
+ * hole of its file, as the untouched part of a never-used cluster does: ask
+ * the file, as QEMU does, so map, convert and NBD block status see those
+ * bytes as zeroes.
+ */
+static int probe_file_zero(struct vd_bnode *bs, int ret, uint64_t *n, uint64_t map, struct vd_bnode *file)
+{
+	uint64_t fn = 0;
+	int fret;
+
+	if (!(ret & VD_BS_PROBE_FILE))
+		return ret;
+	ret &= ~VD_BS_PROBE_FILE;
+	if (!(ret & VD_BS_DATA) || !(ret & VD_BS_OFFSET_VALID) || (ret & VD_BS_ZERO) || !file || file == bs)
+		return ret;
+	fret = vd_bnode_co_block_status(file, map, *n, &fn, NULL, NULL);
+	if (fret < 0) {
+		vd_error_clear(); /* the format's answer stands */
+		return ret;
+	}
+	if (fn == 0) /* past the file's end */
+		return ret | VD_BS_ZERO;
+	*n = fn < *n ? fn : *n;
+	return ret | (fret & VD_BS_ZERO);
+}
+
 int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, uint64_t *pnum, uint64_t *map,
 			     struct vd_bnode **file)
 {
@@ -748,6 +775,8 @@ int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, ui
 		return 0;
 	guarded = guard_begin(bs, &t, off, len);
 	ret = format_block_status(bs, off, len, &n, &local_map, &local_file);
+	if (ret >= 0 && !(ret & VD_BS_RECURSE))
+		ret = probe_file_zero(bs, ret, &n, local_map, local_file);
 	if (ret >= 0)
 		ret = add_allocation(bs, off, ret & ~VD_BS_RECURSE); /* reads bs->backing: still guarded */
 	if (guarded)

@@ -175,9 +175,18 @@ def test_convert_errors(vdisk, raw_src, tmp_path):
     assert r.rc == 2
 
 
-def alloc_map(qemu_img, path):
-    return [(e["start"], e["length"], e["data"], e["zero"], e["present"])
-            for e in qemu_img("map", "--output=json", path).json()]
+def alloc_map(qemu_img, path, cluster_level=False):
+    """qemu-img map as (start, length, data, zero, present).  cluster_level: the qcow2 allocation only -- a
+    data cluster whose untouched part is a hole in the host file (we leave never-used bytes unwritten)
+    counts as data, like one qemu-img fills with zeroes."""
+    out = []
+    for e in qemu_img("map", "--output=json", path).json():
+        row = [e["start"], e["length"], e["data"], e["zero"] and not (cluster_level and e["data"]), e["present"]]
+        if out and out[-1][2:] == row[2:] and out[-1][0] + out[-1][1] == row[0]:
+            out[-1][1] += row[1]
+        else:
+            out.append(row)
+    return [tuple(r) for r in out]
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
@@ -194,7 +203,8 @@ def test_convert_allocation_matches_qemu(vdisk, qemu_img, qemu_io, fmt, sparse, 
     vdisk("convert", *extra, "-O", fmt, "s.raw", "v." + fmt, check=0)
     qemu_img("convert", *extra, "-O", fmt, "s.raw", "q." + fmt)
     qemu_img("compare", "s.raw", "v." + fmt)
-    assert alloc_map(qemu_img, "v." + fmt) == alloc_map(qemu_img, "q." + fmt)
+    level = fmt == "qcow2"
+    assert alloc_map(qemu_img, "v." + fmt, level) == alloc_map(qemu_img, "q." + fmt, level)
 
 
 @pytest.fixture

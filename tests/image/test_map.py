@@ -1,5 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """vdisk map prints the same ranges as qemu-img map (7.2), JSON and human."""
+import subprocess
+
 import pytest
 
 
@@ -65,6 +67,17 @@ def test_map_qcow2_small_clusters(vdisk, qemu_img, qemu_io, qcow2_read):
     qemu_io("s.qcow2", "write -P 1 0 12k", "write -P 2 16k 4k", "write -z 64k 8k")
     ours, theirs = both(vdisk, qemu_img, "--output=json", "s.qcow2")
     assert ours.json() == theirs.json()
+
+
+def test_map_qcow2_data_over_file_hole(vdisk, qemu_img, qemu_io, qcow2_read, tmp_path):
+    """Part of a data cluster that is a hole in the host file is data and zero, as qemu-img map reports it."""
+    qemu_img("create", "-q", "-f", "qcow2", "h.qcow2", "4M")
+    qemu_io("h.qcow2", "write -P 1 1M 64k", "write -P 2 2M 64k")
+    host = next(e["offset"] for e in qemu_img("map", "--output=json", "h.qcow2").json() if e["start"] == 1 << 20)
+    subprocess.run(["fallocate", "-p", "-o", str(host + 4096), "-l", "16384", str(tmp_path / "h.qcow2")], check=True)
+    ours, theirs = both(vdisk, qemu_img, "--output=json", "h.qcow2")
+    assert ours.json() == theirs.json()
+    assert any(e["data"] and e["zero"] and e["length"] == 16384 for e in ours.json())
 
 
 def test_map_missing_file(vdisk):

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """Images written through our block layer pass qemu-img check and read back identically with QEMU."""
+import json
 import os
 
 import pytest
@@ -348,3 +349,61 @@ def test_shrink_frees_l2_tables(tmp):
     model.write(2 << 20, 2 << 20, 8)
     verify(tmp, img, model)
     assert assert_clean(img)["image-end-offset"] <= before
+
+
+def host_offset(img, guest_off):
+    """Host offset of the cluster holding guest_off, from qemu-img map."""
+    for r in json.loads(qimg("map", "--output=json", img).stdout):
+        if r["start"] <= guest_off < r["start"] + r["length"] and r.get("offset") is not None:
+            return r["offset"] + (guest_off - r["start"])
+    return None
+
+
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_fresh_cluster_gets_only_guest_data(tmp, cache):
+    """A 4k write into a cluster past the old end of file writes 4k, not 64k: the rest is a hole that reads zeroes."""
+    img = os.path.join(tmp, "fresh.qcow2")
+    qimg("create", "-f", "qcow2", "-o", "cluster_size=65536", img, SIZE)
+    vio(img, "write -P 0x5a %d 4096" % (3 * 65536 + 8192), opts=["-t", cache])
+    host = host_offset(img, 3 * 65536 + 8192) - 8192
+    with open(img, "rb") as f:
+        data_at = os.lseek(f.fileno(), host, os.SEEK_DATA)
+    assert data_at == host + 8192, "the untouched head of the cluster was written"
+    model = RawModel(SIZE)
+    model.write(3 * 65536 + 8192, 4096, 0x5a)
+    verify(tmp, img, model)
+
+
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_reused_cluster_reads_zeroes(tmp, cache):
+    """A host cluster freed and reused in the same session is not fresh: its old bytes must not show through."""
+    img = os.path.join(tmp, "reuse.qcow2")
+    cs = 65536
+    qimg("create", "-f", "qcow2", "-o", "cluster_size=%d" % cs, img, SIZE)
+    # no pass-down of discards: the freed cluster keeps its 0xaa bytes in the file
+    opts = ["-t", cache, "-O", "pass-discard-request=off"]
+    cmds = ["write -P 0xaa 0 %d" % cs, "write -P 0xbb %d %d" % (cs, cs), "discard 0 %d" % cs,
+            "write -P 0x11 %d 4096" % (20 * cs + 4096), "read -P 0 %d 4096" % (20 * cs),
+            "read -P 0x11 %d 4096" % (20 * cs + 4096), "read -P 0 %d %d" % (20 * cs + 8192, cs - 8192)]
+    vio(img, *cmds, opts=opts)
+    # the freed cluster (allocated before the 0xbb one) was the one reused
+    assert host_offset(img, 20 * cs) < host_offset(img, cs)
+    model = RawModel(SIZE)
+    model.write(cs, cs, 0xbb)
+    model.write(20 * cs + 4096, 4096, 0x11)
+    verify(tmp, img, model, allow_leaks=True)
+
+
+def test_cluster_below_old_end_is_not_fresh(tmp):
+    """After reopening, clusters inside the file (freed earlier, old bytes still there) get their COW zeroes written."""
+    img = os.path.join(tmp, "old.qcow2")
+    cs = 65536
+    qimg("create", "-f", "qcow2", "-o", "cluster_size=%d" % cs, img, SIZE)
+    opts = ["-O", "pass-discard-request=off"]
+    vio(img, "write -P 0xaa 0 %d" % cs, "write -P 0xbb %d %d" % (cs, cs), "discard 0 %d" % cs, opts=opts)
+    vio(img, "write -P 0x22 %d 512" % (30 * cs + 512), "read -P 0 %d 512" % (30 * cs),
+        "read -P 0 %d %d" % (30 * cs + 1024, cs - 1024), opts=opts + ["-t", "none"])
+    model = RawModel(SIZE)
+    model.write(cs, cs, 0xbb)
+    model.write(30 * cs + 512, 512, 0x22)
+    verify(tmp, img, model, allow_leaks=True)

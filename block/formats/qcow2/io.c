@@ -418,7 +418,7 @@ static int write_allocating(struct qcow2_state *s, uint64_t off, uint64_t len, s
 	struct vd_qiov q;
 	uint8_t *l2, *head = NULL, *tail = NULL;
 	uint64_t head_len, tail_len;
-	bool inplace, zero_cow;
+	bool inplace, zero_cow, fresh = false;
 	uint32_t idx0;
 	int ret;
 
@@ -484,6 +484,7 @@ again:
 		cow_s += cbase;
 	} else {
 		int64_t nh;
+		uint64_t fresh_before;
 		inplace = false;
 		k = 1;
 		while (c0 + k < c1 && needs_new_cluster(qcow2_l2_entry(s, l2, idx0 + (uint32_t)k)))
@@ -495,6 +496,7 @@ again:
 		cow_s = cbase + cow_start_rel(s, e0, b0, off - cbase);
 		cow_e = ((c0 + k - 1) << s->cluster_bits) +
 			cow_end_rel(s, el, bl, end - ((c0 + k - 1) << s->cluster_bits));
+		fresh_before = s->fresh_start;
 		nh = qcow2_alloc_clusters(s, k);
 		if (nh < 0) {
 			qcow2_cache_put(&s->l2_cache, l2);
@@ -502,6 +504,7 @@ again:
 			goto out_unlock;
 		}
 		host = (uint64_t)nh;
+		fresh = host >= fresh_before;
 	}
 	{
 		uint64_t last = (c0 + k - 1) << s->cluster_bits;
@@ -523,6 +526,13 @@ again:
 	tail_len = cow_e - data_end;
 	vd_qiov_init(&q);
 	ret = 0;
+	if (zero_cow && fresh && (head_len || tail_len)) {
+		/* Never-used host clusters already read as zeroes (holes): only the guest data is written. */
+		ret = qcow2_overlap_check(s, 0, host + (off - cbase), data_end - off);
+		if (ret == 0)
+			ret = write_host(s, host + (off - cbase), data_end - off, qiov, qoff, 0);
+		goto linked_data;
+	}
 	if (zero_cow && (head_len || tail_len)) {
 		ret = write_data_after_zeroing(s, host + (cow_s - cbase), cow_e - cow_s, host + (off - cbase),
 					       data_end - off, qiov, qoff);
@@ -1024,6 +1034,35 @@ int qcow2_co_make_empty(struct vd_bnode *bs)
  * Block status
  * ------------------------------------------------------------------------- */
 
+/*
+ * Does the file hold clearly fewer bytes than the image has clusters in use
+ * (more than a tenth short, or two clusters)?  Then data clusters have holes
+ * (never-used parts of fresh clusters, metadata preallocation) and block
+ * status asks the file about them.  The same test as QEMU's, so that map
+ * and measure give its answers; computed once per open.
+ */
+static int sparse_data_clusters(struct qcow2_state *s)
+{
+	int64_t real = vd_bnode_allocated_size(s->bs->file);
+	uint64_t used = 0, threshold, end;
+
+	if (real < 0) {
+		vd_error_clear();
+		return 0;
+	}
+	threshold = (uint64_t)real / s->cluster_size;
+	threshold = threshold * 10 / 9 > threshold + 2 ? threshold * 10 / 9 : threshold + 2;
+	end = (s->bs->file->size + s->cluster_size - 1) >> s->cluster_bits;
+	for (uint64_t c = 0; c < end && used < threshold; c++) {
+		uint64_t rc;
+		int ret = qcow2_get_refcount(s, c, &rc);
+		if (ret < 0)
+			return ret;
+		used += rc != 0;
+	}
+	return used >= threshold;
+}
+
 int qcow2_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, uint64_t *pnum, uint64_t *map,
 			  struct vd_bnode **file)
 {
@@ -1032,6 +1071,14 @@ int qcow2_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, uint6
 	struct run r;
 	int ret;
 
+	if (s->sparse_data < 0) {
+		vd_co_mutex_lock(&s->lock);
+		ret = s->sparse_data < 0 ? sparse_data_clusters(s) : s->sparse_data;
+		vd_co_mutex_unlock(&s->lock);
+		if (ret < 0)
+			return ret;
+		s->sparse_data = (int8_t)ret;
+	}
 	ret = qcow2_get_l2_read(s, off, &l2, false);
 	if (ret < 0)
 		return ret;
@@ -1045,7 +1092,7 @@ int qcow2_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, uint6
 	case QCOW2_SC_NORMAL:
 		*map = r.host;
 		*file = bs->file;
-		return VD_BS_DATA | VD_BS_ALLOCATED | VD_BS_OFFSET_VALID;
+		return VD_BS_DATA | VD_BS_ALLOCATED | VD_BS_OFFSET_VALID | (s->sparse_data ? VD_BS_PROBE_FILE : 0);
 	case QCOW2_SC_ZERO_ALLOC:
 		*map = r.host;
 		*file = bs->file;

@@ -856,7 +856,10 @@ static int do_open(void *p)
 		return vd_error(EINVAL, "qcow2: no file child");
 	file_size = bs->file->size;
 	s->host_end = file_size;
+	s->sparse_data = -1;
 	s->size_at_open = file_size;
+	/* A cluster starting at or past the end of the file at open never held data (the file grows by truncate: holes). */
+	s->fresh_start = file_size;
 	hlen = file_size < 4096 ? (size_t)file_size : 4096;
 	if (hlen < QCOW2_V2_HEADER_LEN)
 		return vd_error(EINVAL, "qcow2: file too small for a header (%zu bytes)", hlen);

@@ -319,6 +319,7 @@ struct qcow2_state {
 	uint64_t free_byte_offset; /* compressed-cluster packing; 0 = none */
 	uint64_t host_end;         /* highest host byte we have written or the file size at open */
 	uint64_t alloc_end;        /* end of the highest cluster allocated in this session */
+	uint64_t fresh_start;      /* host bytes from here on were never allocated: they read as zeroes */
 	uint64_t size_at_open;     /* file size when opened */
 	bool file_grown;           /* we extended the file ahead of allocations (trimmed at close) */
 	bool no_fast_zero;         /* the file cannot zero a range without writing (fallocate failed) */
@@ -327,6 +328,7 @@ struct qcow2_state {
 	bool writable;
 	bool lazy_refcounts;     /* compatible bit set */
 	bool dirty_marked;       /* the dirty bit is set on disk by us */
+	int8_t sparse_data;      /* -1 not yet known; 1: data clusters look partly sparse in the file */
 	bool needs_repair;       /* dirty at open and not repaired: never clear the dirty bit */
 	bool discard_passthrough;
 	bool compress_writes;    /* open option: compress full-cluster writes */

@@ -353,6 +353,9 @@ int qcow2_ensure_file(struct qcow2_state *s, uint64_t end)
 
 	if (end > s->alloc_end)
 		s->alloc_end = end;
+	/* Everything below `end` is about to be written: no longer known to be zeroes. */
+	if (end > s->fresh_start)
+		s->fresh_start = end;
 	if (end <= cur)
 		return 0;
 	/*
