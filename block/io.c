@@ -775,7 +775,7 @@ int vd_bnode_co_block_status(struct vd_bnode *bs, uint64_t off, uint64_t len, ui
 		return 0;
 	guarded = guard_begin(bs, &t, off, len);
 	ret = format_block_status(bs, off, len, &n, &local_map, &local_file);
-	if (ret >= 0 && !(ret & VD_BS_RECURSE))
+	if (ret >= 0)
 		ret = probe_file_zero(bs, ret, &n, local_map, local_file);
 	if (ret >= 0)
 		ret = add_allocation(bs, off, ret & ~VD_BS_RECURSE); /* reads bs->backing: still guarded */

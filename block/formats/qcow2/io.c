@@ -374,22 +374,24 @@ static bool cow_reads_zero(struct qcow2_state *s, uint64_t entry, uint64_t bitma
 }
 
 /*
- * Copy-on-write regions that read as zero, into a file written through the
- * page cache: zero the new cluster range with one fallocate and write only
- * the guest data, as QEMU does, instead of writing whole clusters of zero
+ * Copy-on-write regions that read as zero.  Host clusters never used before
+ * (fresh: past the old end of file) already read as zeroes, a hole: write
+ * only the guest data.  Otherwise, into a file written through the page
+ * cache: zero the new cluster range with one fallocate and write only the
+ * guest data, as QEMU does, instead of writing whole clusters of zero
  * buffers (a 4k write into a new 64k cluster dirtied 16 times the page
  * cache).  With O_DIRECT one combined write measured faster (bench/RESULTS.md).
  * 1: done; 0: not done, write head + data + tail; <0: error.
  */
 static int write_data_after_zeroing(struct qcow2_state *s, uint64_t host, uint64_t len, uint64_t data_host,
-				    uint64_t data_len, struct vd_qiov *qiov, size_t qoff)
+				    uint64_t data_len, struct vd_qiov *qiov, size_t qoff, bool fresh)
 {
 	int ret;
 
-	if (s->bs->file->cache.direct || s->no_fast_zero)
+	if (!fresh && (s->bs->file->cache.direct || s->no_fast_zero))
 		return 0;
 	ret = qcow2_overlap_check(s, 0, host, len);
-	if (ret == 0)
+	if (ret == 0 && !fresh)
 		ret = vd_bnode_co_pwrite_zeroes(s->bs->file, host, len, VD_BREQ_NO_FALLBACK);
 	if (ret == -ENOTSUP) {
 		vd_error_clear();
@@ -526,16 +528,9 @@ again:
 	tail_len = cow_e - data_end;
 	vd_qiov_init(&q);
 	ret = 0;
-	if (zero_cow && fresh && (head_len || tail_len)) {
-		/* Never-used host clusters already read as zeroes (holes): only the guest data is written. */
-		ret = qcow2_overlap_check(s, 0, host + (off - cbase), data_end - off);
-		if (ret == 0)
-			ret = write_host(s, host + (off - cbase), data_end - off, qiov, qoff, 0);
-		goto linked_data;
-	}
 	if (zero_cow && (head_len || tail_len)) {
 		ret = write_data_after_zeroing(s, host + (cow_s - cbase), cow_e - cow_s, host + (off - cbase),
-					       data_end - off, qiov, qoff);
+					       data_end - off, qiov, qoff, fresh);
 		if (ret != 0)
 			goto linked_data; /* done (1) or failed */
 	}
