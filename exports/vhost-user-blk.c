@@ -78,6 +78,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -107,6 +108,7 @@
 #define VUB_MAX_DWZ_SECTORS (1u << 21) /* 1 GiB per discard / write-zeroes */
 #define VUB_DWZ_SEGS 1                 /* segments per discard / write-zeroes */
 #define VUB_POLL_CHECK_EVERY 128       /* poller: look at the control socket every N spins */
+#define VUB_YIELD_CONTENDED_NS 5000    /* a sched_yield() this long ran another thread */
 #define VUB_DEFAULT_POLL_MAX_US 32     /* QEMU's default window (poll-max-ns=32768); see bench/RESULTS.md */
 
 /* ---- state ----------------------------------------------------------------------------------------------- */
@@ -141,9 +143,10 @@ struct vub_lane {
 	 * last event (kick, completion, end of polling) while it was not
 	 * polling (0: none since the last kick).  completions counts finished
 	 * requests (the poller treats them as activity, as QEMU's does its AIO
-	 * completions).
+	 * completions); unanswered, those the guest has not yet followed with
+	 * a new request (what the poller waits for).
 	 */
-	uint64_t poll_ns, asleep_since, completions;
+	uint64_t poll_ns, asleep_since, completions, unanswered;
 	unsigned wanted; /* atomic: the control channel waits to run something here (the poller makes way) */
 };
 
@@ -711,7 +714,7 @@ static void req_co(void *opaque)
 	struct virtio_blk_outhdr h;
 	uint32_t written = 1;
 	uint8_t status;
-	uint64_t t_io = vdd_now_ns(), t_end;
+	uint64_t t_end;
 	enum vd_io_op op = VD_IO__MAX;
 
 	if (r->bad || r->out.size < sizeof(h)) {
@@ -733,7 +736,7 @@ static void req_co(void *opaque)
 
 		vd_io_stats_account(&exp->stats, op, bytes, t_end - r->t_start, status != VIRTIO_BLK_S_OK);
 		if (exp->node_stats)
-			vd_io_stats_account(exp->node_stats, op, bytes, t_end - t_io, status != VIRTIO_BLK_S_OK);
+			vd_io_stats_account(exp->node_stats, op, bytes, t_end - r->t_start, status != VIRTIO_BLK_S_OK);
 	}
 	req_done(r, status, written);
 }
@@ -773,6 +776,8 @@ static bool take_requests(struct vub_vq *vq)
 		} else {
 			vq->last_avail++;
 			track_taken(vq, head);
+			if (vq->lane->unanswered)
+				vq->lane->unanswered--;
 		}
 		vq->free_reqs = r->next_free;
 		vq->inflight++;
@@ -820,10 +825,14 @@ static bool drain_and_rearm(struct vub_vq *vq)
 
 /*
  * Adaptive polling (poll-max-us, QEMU's scheme): a lane that went to sleep
- * and was kicked within the maximum window would have caught that request by
- * polling: grow its window (4 us, then doubling, up to the maximum); a kick
- * after longer than that means polling would only have burnt CPU: no window
- * until short sleeps come back.
+ * and was woken -- by a kick or by a completion of the device under it --
+ * within the maximum window would have caught that event by polling: grow its
+ * window (4 us, then doubling, up to the maximum); a wake-up after longer than
+ * that means polling would only have burnt CPU: no window until short sleeps
+ * come back.  Counting the completions matters on a slow device at low queue
+ * depth: the guest's next request follows a completion within microseconds,
+ * but the device's answer takes longer than any window, and spinning through
+ * that wait takes the CPU the guest (or the other queue's guest) needs.
  */
 static void adapt_poll_window(struct vub_lane *lane)
 {
@@ -857,15 +866,18 @@ static void process_vq(struct vub_vq *vq)
 /*
  * A request of the lane finished.  The guest's next one usually follows
  * within microseconds (at queue depth 1 always): poll for it instead of
- * sleeping and being kicked.  Without a window, the time from here to the
- * next kick is what adapts it (not the time since the request was taken,
- * which includes the device's latency, which polling does not shorten).
+ * sleeping and being kicked.  The time the lane slept before this
+ * completion adapts the window too: a device slower than the window drops
+ * it, so that the next request taken is not followed by a spin through the
+ * device's latency.
  */
 static void lane_completed(struct vub_lane *lane)
 {
 	lane->completions++;
+	lane->unanswered++;
 	if (lane->poller_running || lane->paused)
 		return;
+	adapt_poll_window(lane);
 	if (poll_window_ns(lane))
 		start_poller(lane);
 	else
@@ -924,31 +936,67 @@ static bool control_pending(struct vub_conn *c)
 	return poll(&p, 1, 0) > 0;
 }
 
+/* sched_yield(); true if another thread ran in the meantime. */
+static bool yield_was_contended(void)
+{
+	uint64_t t0 = vdd_now_ns();
+
+	sched_yield();
+	return vdd_now_ns() - t0 > VUB_YIELD_CONTENDED_NS;
+}
+
 static void poller_co(void *opaque)
 {
 	struct vub_lane *lane = opaque;
 	struct vub_conn *c = &lane->e->conn;
-	uint64_t idle_since = vdd_now_ns(), spins = 0, completions = lane->completions;
+	uint64_t idle_since = 0, spins = 0, completions = lane->completions;
+	bool adaptive = !lane->e->poll_us, idle;
 	struct vub_vq *vq;
 
 	set_no_notify(lane, true);
 	while (!conn_closing(c) && !lane->paused) {
-		bool any = false;
+		bool took = false;
 
 		LANE_FOR_EACH_VQ(c, lane, vq)
-			any |= take_requests(vq);
-		if (lane->completions != completions) {
-			completions = lane->completions;
-			any = true;
-		}
-		if (any)
-			idle_since = vdd_now_ns();
-		else if (vdd_now_ns() - idle_since > poll_window_ns(lane))
+			took |= take_requests(vq);
+		/*
+		 * Adaptive polling catches the guest's answer to a completion (its
+		 * next request, within microseconds); what follows a request is
+		 * the device's answer, which polling cannot bring closer.  So its
+		 * window runs from the last completion, and once every completion
+		 * has been answered there is nothing to poll for: sleep, and let
+		 * the next completion start polling again.  (On a slow device at
+		 * low queue depth, spinning through the device's latency only
+		 * takes the CPU the guest and the host's I/O need.)  A fixed
+		 * poll-us window runs from any activity, as it always did.
+		 */
+		if (adaptive && !lane->unanswered)
 			break;
+		idle = lane->completions == completions && (adaptive || !took);
+		if (!idle) {
+			completions = lane->completions;
+			idle_since = 0; /* the clock is read only when idle: it is not free at a million requests a second */
+		} else if (!idle_since) {
+			idle_since = vdd_now_ns();
+		} else if (vdd_now_ns() - idle_since > poll_window_ns(lane)) {
+			lane->unanswered = 0; /* the guest did not answer them: nothing more to wait for */
+			break;
+		}
 		/* While we are scheduled the loop looks at no fd: make way for the control channel. */
 		if (__atomic_load_n(&lane->wanted, __ATOMIC_RELAXED))
 			break;
 		if (++spins % VUB_POLL_CHECK_EVERY == 0 && control_pending(c))
+			break;
+		/*
+		 * The guest thread we just woke (call eventfd) is often queued on
+		 * this CPU (wake-affine): while there is nothing to do, let it run
+		 * instead of spinning in its way.  If something did run, the CPU
+		 * is contended (more runnable threads than CPUs: guests, other
+		 * lanes, the host's I/O), and polling would take from them what it
+		 * saves us: adaptive polling then stops, it only spins on a CPU
+		 * nobody else wants.
+		 */
+		if (idle && yield_was_contended() && adaptive)
 			break;
 		vd_loop_schedule(vd_loop_get(), vd_co_self());
 		vd_co_yield();
