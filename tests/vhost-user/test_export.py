@@ -2,7 +2,6 @@
 """vdiskd's vhost-user-blk export, driven by our virtio-blk-vhost-user driver (vdisk-io, vu-client, vdisk bench);
 images checked with qemu-io / qemu-img afterwards."""
 import json
-import os
 import shutil
 import signal
 import socket
@@ -11,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import MiB, allocated, info, pattern, run
+from conftest import MiB, allocated, cpu_seconds, info, pattern, run
 
 needs_qemu_io = pytest.mark.skipif(shutil.which("qemu-io") is None or shutil.which("qemu-img") is None,
                                    reason="missing qemu-io / qemu-img")
@@ -79,11 +78,6 @@ def test_poll_us(vdiskd, image, client, vdisk_tool, event_idx):
         assert json.loads(p.stdout)["ios"] > 0
     d2 = vdiskd(image(16 * MiB, name="b.raw"), opts="poll-us=20")
     client(d2, "--set", f"event-idx={event_idx}", "pattern", "9", "0", "2", "4", timeout=30)
-
-
-def cpu_seconds(pid):
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_adaptive_polling_sleeps_through_slow_device(vdiskd, vdisk_tool):

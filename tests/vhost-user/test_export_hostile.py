@@ -9,7 +9,7 @@ import time
 import pytest
 
 import vhu
-from conftest import MiB
+from conftest import MiB, cpu_seconds
 
 SECTORS = 16 * MiB // 512
 
@@ -372,12 +372,6 @@ def test_ring_changes_wait_for_requests_in_flight(vdiskd, change):
     f2.close()
 
 
-def _cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as st:
-        fields = st.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_kick_fd_that_hangs_up(exp):
     # A pipe as the kick fd, its writer closed: poll reports POLLHUP for ever.  The daemon must stop the queue,
     # not spin on it.
@@ -387,10 +381,10 @@ def test_kick_fd_that_hangs_up(exp):
     os.close(w)
     os.close(r)
     exp.wait_log("the kick fd hung up")
-    before = _cpu_seconds(exp.proc.pid)
+    before = cpu_seconds(exp.proc.pid)
     assert f.get_u64(vhu.GET_QUEUE_NUM) == 1
     time.sleep(0.5)
-    assert _cpu_seconds(exp.proc.pid) - before < 0.25, "the daemon spins on a hung-up kick fd"
+    assert cpu_seconds(exp.proc.pid) - before < 0.25, "the daemon spins on a hung-up kick fd"
     f.close()
     still_serves(exp)
 
