@@ -141,7 +141,7 @@ struct vub_lane {
 	/*
 	 * Adaptive polling: the current window, and the time of the lane's
 	 * last event (kick, completion, end of polling) while it was not
-	 * polling (0: none since the last kick).  completions counts finished
+	 * polling (0: none since the last wake-up).  completions counts finished
 	 * requests (the poller treats them as activity, as QEMU's does its AIO
 	 * completions); unanswered, those the guest has not yet followed with
 	 * a new request (what the poller waits for).
@@ -853,11 +853,25 @@ static uint64_t poll_window_ns(struct vub_lane *lane)
 	return lane->e->poll_us ? (uint64_t)lane->e->poll_us * 1000 : lane->poll_ns;
 }
 
+/*
+ * Adaptive polling catches the guest's answer to a completion (its next
+ * request, within microseconds); what follows a request is the device's
+ * answer, which polling cannot bring closer.  Once every completion has
+ * been answered there is nothing to poll for: sleep, and let the next
+ * completion start polling again.  (On a slow device at low queue depth,
+ * spinning through the device's latency only takes the CPU the guest and
+ * the host's I/O need.)  A fixed poll-us window always polls.
+ */
+static bool worth_polling(struct vub_lane *lane)
+{
+	return poll_window_ns(lane) && (lane->e->poll_us || lane->unanswered);
+}
+
 static void process_vq(struct vub_vq *vq)
 {
 	if (!drain_and_rearm(vq))
 		return;
-	if (poll_window_ns(vq->lane))
+	if (worth_polling(vq->lane))
 		start_poller(vq->lane);
 	else if (!vq->lane->poller_running)
 		vq->lane->asleep_since = vdd_now_ns();
@@ -878,7 +892,7 @@ static void lane_completed(struct vub_lane *lane)
 	if (lane->poller_running || lane->paused)
 		return;
 	adapt_poll_window(lane);
-	if (poll_window_ns(lane))
+	if (worth_polling(lane))
 		start_poller(lane);
 	else
 		lane->asleep_since = vdd_now_ns();
@@ -959,19 +973,9 @@ static void poller_co(void *opaque)
 
 		LANE_FOR_EACH_VQ(c, lane, vq)
 			took |= take_requests(vq);
-		/*
-		 * Adaptive polling catches the guest's answer to a completion (its
-		 * next request, within microseconds); what follows a request is
-		 * the device's answer, which polling cannot bring closer.  So its
-		 * window runs from the last completion, and once every completion
-		 * has been answered there is nothing to poll for: sleep, and let
-		 * the next completion start polling again.  (On a slow device at
-		 * low queue depth, spinning through the device's latency only
-		 * takes the CPU the guest and the host's I/O need.)  A fixed
-		 * poll-us window runs from any activity, as it always did.
-		 */
-		if (adaptive && !lane->unanswered)
+		if (!worth_polling(lane))
 			break;
+		/* The adaptive window runs from the last completion; a fixed one from any activity. */
 		idle = lane->completions == completions && (adaptive || !took);
 		if (!idle) {
 			completions = lane->completions;
