@@ -385,11 +385,16 @@ static bool should_notify(struct vub_vq *vq)
 
 static void process_vq(struct vub_vq *vq);
 
-static void notify_co(void *opaque)
+/*
+ * Signal the call eventfd if the front end asked for it (EVENT_IDX's
+ * used_event, or no VRING_AVAIL_F_NO_INTERRUPT).  Done at each completion,
+ * not once after a batch: the front end then starts reaping and refilling
+ * while the rest of the batch is still being completed here, instead of the
+ * two sides taking turns; the front end's own suppression (it stops asking
+ * while it reaps) keeps the calls to about one per batch.
+ */
+static void notify_front_end(struct vub_vq *vq)
 {
-	struct vub_vq *vq = opaque;
-
-	vq->notify_scheduled = false;
 	if (vq->desc && vq->call_fd >= 0 && should_notify(vq)) {
 		uint64_t one = 1;
 		ssize_t n = write(vq->call_fd, &one, sizeof(one));
@@ -397,6 +402,14 @@ static void notify_co(void *opaque)
 		(void)n; /* EAGAIN: the counter is already non-zero, the front end will look */
 		COUNT(vq->c->e->calls);
 	}
+}
+
+static void notify_co(void *opaque)
+{
+	struct vub_vq *vq = opaque;
+
+	vq->notify_scheduled = false;
+	notify_front_end(vq);
 	if (vq->starved) {
 		vq->starved = false;
 		process_vq(vq);
@@ -692,7 +705,9 @@ static void req_done(struct vub_req *r, uint8_t status, uint32_t written)
 
 	*r->status = status;
 	push_used(vq, r->head, written);
-	schedule_notify(vq);
+	notify_front_end(vq);
+	if (vq->starved)
+		schedule_notify(vq); /* takes the requests waiting for this slot, outside this completion */
 	r->next_free = vq->free_reqs;
 	vq->free_reqs = r;
 	vq->inflight--;
