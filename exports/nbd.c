@@ -1177,6 +1177,20 @@ static int queue_reply(struct nbd_req *r, size_t hdr_len, uint32_t data_len)
 	return 0;
 }
 
+/*
+ * Whether a successful reply without payload may be simple.  Structured
+ * replies require chunks only for READ and BLOCK_STATUS (and extended
+ * headers for everything); a simple reply elsewhere is what nbdkit and
+ * qemu-nbd send too, and what libnbd reads in one recv (a structured header
+ * is 16 bytes and then 4 more: a syscall per write, flush, trim... on the
+ * client).  Errors stay chunks when they can: they carry the message.
+ */
+static bool simple_reply_ok(const struct nbd_req *r)
+{
+	return !r->conn->structured ||
+	       (!r->conn->extended && r->type != NBD_CMD_READ && r->type != NBD_CMD_BLOCK_STATUS);
+}
+
 /* A reply without payload: simple, or NONE / ERROR chunk when structured replies are on. */
 static int reply_status(struct nbd_req *r, int err, const char *msg)
 {
@@ -1185,7 +1199,7 @@ static int reply_status(struct nbd_req *r, int err, const char *msg)
 	size_t hl;
 	struct iovec iov;
 
-	if (!c->structured && !err) {
+	if (!err && simple_reply_ok(r)) {
 		put32(r->rhdr, NBD_SIMPLE_REPLY_MAGIC);
 		put32(r->rhdr + 4, 0);
 		put64(r->rhdr + 8, r->cookie);

@@ -11,13 +11,14 @@ import struct
 import pytest
 
 from conftest import requires, run
-from test_hostile import (CMD_READ, CMD_WRITE, OPT_GO, REP_ACK, REQ_MAGIC, closed_by_server, connect,
+from test_hostile import (CMD_READ, CMD_WRITE, OPT_GO, REP_ACK, REQ_MAGIC, SIMPLE_MAGIC, closed_by_server, connect,
                           recv_exact, recv_rep, send_opt)
 
 OPT_STRUCTURED_REPLY, OPT_SET_META_CONTEXT, OPT_EXTENDED_HEADERS = 8, 10, 11
 REP_META_CONTEXT = 4
 REP_ERR_INVALID, REP_ERR_EXT_HEADER_REQD = 0x80000003, 0x8000000A
 EXT_REQ_MAGIC, EXT_REPLY_MAGIC = 0x21E41C71, 0x6E8A278C
+STRUCTURED_MAGIC = 0x668E33EF
 CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = 3, 4, 6, 7
 FLAG_PAYLOAD_LEN = 1 << 5
 REPLY_DONE = 1
@@ -150,6 +151,54 @@ def test_io_with_extended_headers(big_daemon):
     assert (rtype, cookie) == (TYPE_ERROR, 14) and struct.unpack(">I", payload[:4])[0] == 22
     request(s, CMD_FLUSH, 0, 0, cookie=15)
     assert [c[1:3] for c in reply(s)] == [(TYPE_NONE, 15)]
+    s.close()
+
+
+def test_structured_compact_replies(big_daemon):
+    """
+    Structured replies without extended headers: READ and BLOCK_STATUS answer
+    in chunks, successful commands without data in a simple reply (allowed,
+    and what nbdkit and qemu-nbd send: libnbd reads it in one recv), errors
+    in an ERROR chunk that carries the message.
+    """
+    s = connect(big_daemon)
+    send_opt(s, OPT_STRUCTURED_REPLY)
+    assert recv_rep(s)[1] == REP_ACK
+    name = b"r0"
+    send_opt(s, OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+    while recv_rep(s)[1] != REP_ACK:
+        pass
+
+    def compact(cmd, offset, length, cookie, payload=b""):
+        s.sendall(struct.pack(">IHHQQI", REQ_MAGIC, 0, cmd, cookie, offset, length) + payload)
+
+    def simple(cookie):
+        magic, err, got = struct.unpack(">IIQ", recv_exact(s, 16))
+        assert (magic, got) == (SIMPLE_MAGIC, cookie), hex(magic)
+        return err
+
+    def chunk(cookie):
+        magic, flags, rtype, got, length = struct.unpack(">IHHQI", recv_exact(s, 20))
+        assert (magic, got) == (STRUCTURED_MAGIC, cookie), hex(magic)
+        return flags, rtype, recv_exact(s, length)
+
+    data = b"sr" * 2048
+    for cmd, offset, length, cookie, payload in [(CMD_WRITE, 4096, len(data), 1, data), (CMD_FLUSH, 0, 0, 2, b""),
+                                                 (CMD_WRITE_ZEROES, 1 << 20, 65536, 3, b""),
+                                                 (CMD_TRIM, 1 << 21, 65536, 4, b"")]:
+        compact(cmd, offset, length, cookie, payload)
+        assert simple(cookie) == 0
+    compact(CMD_READ, 4096, len(data), 5)
+    flags, rtype, payload = chunk(5)
+    assert (flags & REPLY_DONE, rtype, payload[8:]) == (REPLY_DONE, TYPE_OFFSET_DATA, data)
+    compact(CMD_BLOCK_STATUS, 0, 1 << 20, 6)  # no meta context negotiated: refused, in a chunk
+    flags, rtype, payload = chunk(6)
+    assert (flags & REPLY_DONE, rtype) == (REPLY_DONE, TYPE_ERROR)
+    # A write past the end: an error chunk with errno and a message, not a bare simple error.
+    compact(CMD_WRITE, SIZE, len(data), 7, data)
+    flags, rtype, payload = chunk(7)
+    err, mlen = struct.unpack(">IH", payload[:6])
+    assert (rtype, err) == (TYPE_ERROR, 28) and mlen == len(payload) - 6 and mlen > 0  # NBD_ENOSPC
     s.close()
 
 
