@@ -57,6 +57,12 @@ int vdd_args_check(json_t *args, const char *const *known, const char *what, cha
 json_t *vdd_parse_cli_opts(const char *str, char **errp);
 
 uint64_t vdd_now_ns(void);
+/*
+ * sched_yield(); true if another thread ran meanwhile (the yield took more
+ * than a few microseconds).  Busy pollers call it while idle: they give the
+ * CPU to whoever wants it and stop polling when someone did.
+ */
+bool vdd_yield_was_contended(void);
 /* {"seconds": s, "microseconds": us} of the wall clock, for events. */
 json_t *vdd_timestamp(void);
 

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /* vdiskd: error strings, typed command arguments, clocks. */
 #include <errno.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -157,6 +158,17 @@ uint64_t vdd_now_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* A sched_yield() that took this long ran another thread: the CPU is wanted. */
+#define YIELD_CONTENDED_NS 5000
+
+bool vdd_yield_was_contended(void)
+{
+	uint64_t t0 = vdd_now_ns();
+
+	sched_yield();
+	return vdd_now_ns() - t0 > YIELD_CONTENDED_NS;
 }
 
 json_t *vdd_timestamp(void)

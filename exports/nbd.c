@@ -24,7 +24,7 @@
  * per request:
  *   - the receive coroutine reads request headers (and write payloads)
  *     from a non-blocking socket, parking on the fd (vdd_cofd) when there is
- *     nothing to read; it starts a coroutine per request and goes on
+ *     nothing to read (after polling it briefly: wait_readable); it starts a coroutine per request and goes on
  *     reading while those run (pipelining).  It stops reading while the
  *     connection has max-inflight requests or BUDGET payload bytes in
  *     flight, so a client that floods or never reads its replies is held
@@ -179,6 +179,7 @@ enum { CTX_BASE_ALLOCATION = 1, CTX_ALLOCATION_DEPTH = 2 };
 #define MAX_PAYLOAD (32u << 20)    /* largest read/write request (NBD_INFO_BLOCK_SIZE maximum) */
 #define BUDGET (64u << 20)         /* payload bytes in flight per connection */
 #define DEFAULT_MAX_INFLIGHT 128   /* requests in flight per connection */
+#define DEFAULT_POLL_MAX_US 64     /* adaptive polling of a connection's socket (wait_readable) */
 #define MAX_OPTION_LEN (64u << 10) /* option data we read during negotiation */
 #define MAX_OPTIONS 256            /* options per connection before we hang up */
 #define RBUF_SIZE (64u << 10)
@@ -244,6 +245,7 @@ struct nbd_export {
 	char *name;
 	char *description;
 	unsigned max_inflight;
+	uint64_t poll_max_ns; /* adaptive polling of idle sockets (poll-max-us); 0: off */
 	/* Set at start in the export's thread; changed only by block_resize (atomic: export_size()). */
 	uint64_t size;
 	/* Set at start in the export's thread, read-only afterwards. */
@@ -253,6 +255,7 @@ struct nbd_export {
 	int n_lanes;
 	unsigned next_lane; /* main thread: round-robin */
 	uint64_t spliced_reads, spliced_bytes; /* atomic: reads sent by splice (query-stats) */
+	uint64_t polled_wakeups;               /* atomic: waits for a request that polling ended (query-stats) */
 };
 
 static struct nbd_export *nbd_exports; /* main thread */
@@ -304,6 +307,7 @@ struct nbd_conn {
 	uint8_t *rbuf;
 	size_t rpos, rlen;
 	bool rdry; /* the last recv did not fill rbuf: the socket is probably empty */
+	uint64_t poll_ns; /* adaptive polling window (wait_readable); 0: sleep at once */
 
 	/* Negotiation. */
 	bool no_zeroes, structured;
@@ -449,6 +453,59 @@ static ssize_t read_some(struct nbd_conn *c, void *buf, size_t len)
 	return errno == EWOULDBLOCK ? -EAGAIN : -errno;
 }
 
+/* Look at the socket until it is readable or the window has passed; true if it is. */
+static bool poll_readable(struct nbd_conn *c, uint64_t window)
+{
+	uint64_t t0 = vdd_now_ns();
+
+	for (;;) {
+		struct pollfd p = { .fd = c->fd, .events = POLLIN };
+
+		if (poll(&p, 1, 0) != 0)
+			return true; /* readable, hung up or failed: the read says which */
+		if (c->closing || c->broken || vdd_now_ns() - t0 > window)
+			return false;
+		/* Nothing to do: give the CPU to whoever wants it, and stop polling if someone did. */
+		if (vdd_yield_was_contended()) {
+			c->poll_ns = 0;
+			return false;
+		}
+		/* Let the loop run the rest of this thread (other clients, completions) meanwhile. */
+		vd_loop_schedule(c->cofd.loop, vd_co_self());
+		vd_co_yield();
+	}
+}
+
+/*
+ * Wait until the socket has something to read.  Adaptive polling
+ * (poll-max-us, the scheme of QEMU's iothreads and of our vhost-user-blk
+ * export): a client at low queue depth sends its next request a few
+ * microseconds after our reply, and on a VM host waking a sleeping thread
+ * (and its idle CPU) costs more than that.  So look at the socket for a
+ * while before sleeping; the window grows (4 us, doubling up to the
+ * maximum) while the sleeps that follow an unsuccessful look stay shorter
+ * than the maximum, and drops to nothing after a longer one (an idle or
+ * slow client costs no CPU) or when another thread wanted our CPU.
+ */
+static void wait_readable(struct nbd_conn *c)
+{
+	uint64_t max = c->nexp ? c->nexp->poll_max_ns : 0, t0, slept; /* no export yet: negotiating */
+
+	if (c->poll_ns && poll_readable(c, c->poll_ns)) {
+		__atomic_add_fetch(&c->nexp->polled_wakeups, 1, __ATOMIC_RELAXED);
+		return;
+	}
+	t0 = vdd_now_ns();
+	vdd_cofd_wait(&c->cofd, POLLIN);
+	if (!max)
+		return;
+	slept = vdd_now_ns() - t0;
+	if (slept > max)
+		c->poll_ns = 0;
+	else if (slept > c->poll_ns)
+		c->poll_ns = c->poll_ns ? (c->poll_ns * 2 < max ? c->poll_ns * 2 : max) : 4000;
+}
+
 /* Make rbuf hold at least need unread bytes; -1 at end of file, on errors or when closing. */
 static int fill(struct nbd_conn *c, size_t need)
 {
@@ -484,7 +541,7 @@ static int fill(struct nbd_conn *c, size_t need)
 			 * Not with TLS, whose library may hold data poll() cannot see.
 			 */
 			c->rdry = false;
-			vdd_cofd_wait(&c->cofd, POLLIN);
+			wait_readable(c);
 			continue;
 		}
 		n = read_some(c, c->rbuf + c->rlen, RBUF_SIZE - c->rlen);
@@ -495,7 +552,7 @@ static int fill(struct nbd_conn *c, size_t need)
 		}
 		if (n != -EAGAIN)
 			return -1;
-		vdd_cofd_wait(&c->cofd, POLLIN);
+		wait_readable(c);
 	}
 	return 0;
 }
@@ -2219,13 +2276,14 @@ static void accept_event(void *opaque, int fd, int revents)
 
 /* ==== the export type ==================================================================================== */
 
-static const char *const nbd_options[] = { "name", "description", "bitmaps", "allocation-depth", "max-inflight", NULL };
+static const char *const nbd_options[] = { "name",         "description", "bitmaps", "allocation-depth",
+					   "max-inflight", "poll-max-us", NULL };
 
 static int nbd_create(struct vd_export *exp, json_t *opts, char **errp)
 {
 	struct nbd_export *e = exp->opaque;
 	const char *name, *desc;
-	uint64_t max_inflight;
+	uint64_t max_inflight, poll_max_us;
 	bool depth; /* qemu:allocation-depth is always offered; the option is only type-checked */
 	json_t *bitmaps = json_object_get(opts, "bitmaps");
 
@@ -2234,6 +2292,7 @@ static int nbd_create(struct vd_export *exp, json_t *opts, char **errp)
 	if (vdd_arg_str(opts, "name", false, exp->node_name, &name, errp) < 0 ||
 	    vdd_arg_str(opts, "description", false, NULL, &desc, errp) < 0 ||
 	    vdd_arg_u64(opts, "max-inflight", DEFAULT_MAX_INFLIGHT, &max_inflight, errp) < 0 ||
+	    vdd_arg_u64(opts, "poll-max-us", DEFAULT_POLL_MAX_US, &poll_max_us, errp) < 0 ||
 	    vdd_arg_bool(opts, "allocation-depth", true, &depth, errp) < 0)
 		return -1;
 	if (bitmaps && !(json_is_array(bitmaps) && json_array_size(bitmaps) == 0))
@@ -2242,11 +2301,14 @@ static int nbd_create(struct vd_export *exp, json_t *opts, char **errp)
 		return vdd_error(errp, "block-export-add: export name and description are limited to 4096 bytes");
 	if (max_inflight < 1 || max_inflight > 16384)
 		return vdd_error(errp, "block-export-add: max-inflight must be between 1 and 16384");
+	if (poll_max_us > 1000000)
+		return vdd_error(errp, "block-export-add: poll-max-us must be at most 1000000");
 	for (struct nbd_export *o = nbd_exports; o; o = o->next)
 		if (!strcmp(o->name, name))
 			return vdd_error(errp, "NBD export '%s' already exists", name);
 	e->exp = exp;
 	e->max_inflight = (unsigned)max_inflight;
+	e->poll_max_ns = poll_max_us * 1000;
 	e->n_lanes = exp->n_threads;
 	e->lanes = calloc((size_t)e->n_lanes, sizeof(*e->lanes));
 	if (!e->lanes || !(e->name = strdup(name)) || (desc && !(e->description = strdup(desc)))) {
@@ -2352,6 +2414,7 @@ static void nbd_query(struct vd_export *exp, json_t *info)
 	if (e->description)
 		json_object_set_new(info, "description", json_string(e->description));
 	json_object_set_new(info, "max-inflight", json_integer(e->max_inflight));
+	json_object_set_new(info, "poll-max-us", json_integer((json_int_t)(e->poll_max_ns / 1000)));
 	json_object_set_new(info, "size", json_integer((json_int_t)export_size(e)));
 }
 
@@ -2363,6 +2426,8 @@ static void nbd_query_stats(struct vd_export *exp, json_t *stats)
 			    json_integer((json_int_t)__atomic_load_n(&e->spliced_reads, __ATOMIC_RELAXED)));
 	json_object_set_new(stats, "spliced-bytes",
 			    json_integer((json_int_t)__atomic_load_n(&e->spliced_bytes, __ATOMIC_RELAXED)));
+	json_object_set_new(stats, "polled-wakeups",
+			    json_integer((json_int_t)__atomic_load_n(&e->polled_wakeups, __ATOMIC_RELAXED)));
 }
 
 const struct vd_export_type vd_export_type_nbd = {

@@ -108,7 +108,6 @@
 #define VUB_MAX_DWZ_SECTORS (1u << 21) /* 1 GiB per discard / write-zeroes */
 #define VUB_DWZ_SEGS 1                 /* segments per discard / write-zeroes */
 #define VUB_POLL_CHECK_EVERY 128       /* poller: look at the control socket every N spins */
-#define VUB_YIELD_CONTENDED_NS 5000    /* a sched_yield() this long ran another thread */
 #define VUB_DEFAULT_POLL_MAX_US 32     /* QEMU's default window (poll-max-ns=32768); see bench/RESULTS.md */
 
 /* ---- state ----------------------------------------------------------------------------------------------- */
@@ -965,15 +964,6 @@ static bool control_pending(struct vub_conn *c)
 	return poll(&p, 1, 0) > 0;
 }
 
-/* sched_yield(); true if another thread ran in the meantime. */
-static bool yield_was_contended(void)
-{
-	uint64_t t0 = vdd_now_ns();
-
-	sched_yield();
-	return vdd_now_ns() - t0 > VUB_YIELD_CONTENDED_NS;
-}
-
 static void poller_co(void *opaque)
 {
 	struct vub_lane *lane = opaque;
@@ -1015,7 +1005,7 @@ static void poller_co(void *opaque)
 		 * saves us: adaptive polling then stops, it only spins on a CPU
 		 * nobody else wants.
 		 */
-		if (idle && yield_was_contended() && adaptive)
+		if (idle && vdd_yield_was_contended() && adaptive)
 			break;
 		vd_loop_schedule(vd_loop_get(), vd_co_self());
 		vd_co_yield();
