@@ -24,8 +24,9 @@
  * per request:
  *   - the receive coroutine reads request headers (and write payloads)
  *     from a non-blocking socket, parking on the fd (vdd_cofd) when there is
- *     nothing to read (after polling it briefly: wait_readable); it starts a coroutine per request and goes on
- *     reading while those run (pipelining).  It stops reading while the
+ *     nothing to read (after polling it briefly: wait_readable); it
+ *     starts a coroutine per request and goes on reading while those run
+ *     (pipelining).  It stops reading while the
  *     connection has max-inflight requests or BUDGET payload bytes in
  *     flight, so a client that floods or never reads its replies is held
  *     back by TCP instead of by our memory;
@@ -495,6 +496,8 @@ static void wait_readable(struct nbd_conn *c)
 		__atomic_add_fetch(&c->nexp->polled_wakeups, 1, __ATOMIC_RELAXED);
 		return;
 	}
+	if (c->closing || c->broken)
+		return; /* stopped while we polled: the wake-up (vdd_cofd_wake) found no one parked */
 	t0 = vdd_now_ns();
 	vdd_cofd_wait(&c->cofd, POLLIN);
 	if (!max)

@@ -116,3 +116,17 @@ def test_data_intact_with_and_without_polling(daemon_factory, tmp_path, opts):
     for i, b in blocks.items():
         assert h.pread(4096, i * 4096) == b
     h.shutdown()
+
+
+def test_shutdown_while_polling(daemon_factory):
+    """SIGTERM while a connection polls its socket (a 1 s window) stops it at once, not after the grace period."""
+    d = null_daemon(daemon_factory, ",poll-max-us=1000000")
+    h = nbd_handle(d.uri("n0"))
+    for i in range(2000):  # short answers: the window grows towards 1 s
+        h.pwrite(b"s" * 4096, (i % 1024) * 4096)
+    assert polled_wakeups(d) > 0
+    h.pwrite(b"s" * 4096, 0)
+    t0 = time.monotonic()
+    d.stop()
+    took = time.monotonic() - t0
+    assert took < 1.5, f"stopped after {took:.2f} s (the grace period is 2 s)"
