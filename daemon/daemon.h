@@ -63,6 +63,13 @@ uint64_t vdd_now_ns(void);
  * CPU to whoever wants it and stop polling when someone did.
  */
 bool vdd_yield_was_contended(void);
+/*
+ * Adaptive polling (QEMU's scheme), the window after a sleep of slept ns
+ * that polling did not catch: a sleep within max would have been caught by
+ * a longer window, so grow it (4 us, then doubling, up to max); a longer
+ * one means polling only burns CPU, so close it.
+ */
+uint64_t vdd_poll_window_after_sleep(uint64_t window, uint64_t slept, uint64_t max);
 /* {"seconds": s, "microseconds": us} of the wall clock, for events. */
 json_t *vdd_timestamp(void);
 

@@ -171,6 +171,15 @@ bool vdd_yield_was_contended(void)
 	return vdd_now_ns() - t0 > YIELD_CONTENDED_NS;
 }
 
+uint64_t vdd_poll_window_after_sleep(uint64_t window, uint64_t slept, uint64_t max)
+{
+	if (slept > max)
+		return 0;
+	if (slept <= window)
+		return window;
+	return window ? (window * 2 < max ? window * 2 : max) : 4000;
+}
+
 json_t *vdd_timestamp(void)
 {
 	struct timeval tv;

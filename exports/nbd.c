@@ -26,10 +26,10 @@
  *     from a non-blocking socket, parking on the fd (vdd_cofd) when there is
  *     nothing to read (after polling it briefly: wait_readable); it
  *     starts a coroutine per request and goes on reading while those run
- *     (pipelining).  It stops reading while the
- *     connection has max-inflight requests or BUDGET payload bytes in
- *     flight, so a client that floods or never reads its replies is held
- *     back by TCP instead of by our memory;
+ *     (pipelining).  It stops reading while the connection has
+ *     max-inflight requests or BUDGET payload bytes in flight, so a
+ *     client that floods or never reads its replies is held back by TCP
+ *     instead of by our memory;
  *   - a request coroutine does its block-layer call, then queues its
  *     reply on the connection; a flush coroutine sends all replies queued
  *     in one loop round with one sendmsg (see queue_reply).  Replies go out
@@ -490,7 +490,7 @@ static bool poll_readable(struct nbd_conn *c, uint64_t window)
  */
 static void wait_readable(struct nbd_conn *c)
 {
-	uint64_t max = c->nexp ? c->nexp->poll_max_ns : 0, t0, slept; /* no export yet: negotiating */
+	uint64_t max = c->nexp ? c->nexp->poll_max_ns : 0, t0; /* no export yet: negotiating */
 
 	if (c->poll_ns && poll_readable(c, c->poll_ns)) {
 		__atomic_add_fetch(&c->nexp->polled_wakeups, 1, __ATOMIC_RELAXED);
@@ -500,13 +500,8 @@ static void wait_readable(struct nbd_conn *c)
 		return; /* stopped while we polled: the wake-up (vdd_cofd_wake) found no one parked */
 	t0 = vdd_now_ns();
 	vdd_cofd_wait(&c->cofd, POLLIN);
-	if (!max)
-		return;
-	slept = vdd_now_ns() - t0;
-	if (slept > max)
-		c->poll_ns = 0;
-	else if (slept > c->poll_ns)
-		c->poll_ns = c->poll_ns ? (c->poll_ns * 2 < max ? c->poll_ns * 2 : max) : 4000;
+	if (max)
+		c->poll_ns = vdd_poll_window_after_sleep(c->poll_ns, vdd_now_ns() - t0, max);
 }
 
 /* Make rbuf hold at least need unread bytes; -1 at end of file, on errors or when closing. */

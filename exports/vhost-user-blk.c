@@ -78,7 +78,6 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
-#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -856,10 +855,7 @@ static void adapt_poll_window(struct vub_lane *lane)
 		return;
 	slept = vdd_now_ns() - lane->asleep_since;
 	lane->asleep_since = 0;
-	if (slept > max)
-		lane->poll_ns = 0;
-	else if (slept > lane->poll_ns)
-		lane->poll_ns = lane->poll_ns ? (lane->poll_ns * 2 < max ? lane->poll_ns * 2 : max) : 4000;
+	lane->poll_ns = vdd_poll_window_after_sleep(lane->poll_ns, slept, max);
 }
 
 static uint64_t poll_window_ns(struct vub_lane *lane)

@@ -111,3 +111,10 @@ def unix_listening(path):
     except OSError:
         return True  # no procfs: fall back to the file's existence
     return False
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of process pid so far, in seconds (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as st:
+        fields = st.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import MiB, nbd_handle
+from vdtest import cpu_seconds
 
 SIZE = 64 * MiB
 
@@ -25,11 +26,6 @@ def null_daemon(daemon_factory, export_opts=""):
 def polled_wakeups(d):
     [e] = [e for e in d.qmp("query-stats", target="export")["exports"] if e["id"] == "e0"]
     return e["polled-wakeups"]
-
-
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def ping_pong(d, n, think=0.0):

@@ -174,13 +174,6 @@ def pattern(off, length, seed):
     return b"".join(struct.pack("<QQ", s, seed) * 32 for s in range(off // 512, (off + length) // 512))
 
 
-def cpu_seconds(pid):
-    """User + system CPU time of process pid so far, in seconds (/proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as st:
-        fields = st.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def allocated(path, off, length):
     """Bytes of [off, off+length) that are allocated in the file (SEEK_DATA/SEEK_HOLE)."""
     total = 0

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import MiB, allocated, cpu_seconds, info, pattern, run
+from conftest import MiB, allocated, info, pattern, run
+from vdtest import cpu_seconds
 
 needs_qemu_io = pytest.mark.skipif(shutil.which("qemu-io") is None or shutil.which("qemu-img") is None,
                                    reason="missing qemu-io / qemu-img")

@@ -9,7 +9,8 @@ import time
 import pytest
 
 import vhu
-from conftest import MiB, cpu_seconds
+from conftest import MiB
+from vdtest import cpu_seconds
 
 SECTORS = 16 * MiB // 512
 
