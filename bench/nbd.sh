@@ -94,6 +94,7 @@ size=$((SIZE_MB * 1024 * 1024))
 echo "# preparing a ${SIZE_MB} MiB raw image (random data) and a fully allocated qcow2 copy" >&2
 dd if=/dev/urandom of="$raw" bs=1M count="$SIZE_MB" status=none
 qemu-img convert -f raw -O qcow2 "$raw" "$qcow2"
+sync # the kernel's writeback of the images must not run during the first tests
 
 # ---- servers -------------------------------------------------------------------------------------
 
@@ -216,6 +217,9 @@ run_server() {
 	mc=$(nbdinfo --can multi-conn "$uri" >/dev/null 2>&1 && echo yes || echo no)
 	echo "# $name (multi-conn: $mc)" >&2
 	for t in $tests; do
+		# Write back what the previous tests dirtied first: on 2 CPUs the flusher
+		# threads and their disk I/O would otherwise land on whichever test follows.
+		sync
 		case $t in
 		randread-4jobs-qd32) v=$(fio_iops randread 8 4) ;;
 		randwrite-4jobs-qd32) v=$(fio_iops randwrite 8 4) ;;
