@@ -707,7 +707,10 @@ static int write_now(struct vdiskq *q, struct vd_request *r)
 	int ret = rw_finish_sync(q->v, r);
 
 	t1 = mono_ns();
-	uq->inline_paused_until = t1 - t0 > INLINE_SLOW_NS ? t1 + INLINE_PAUSE_NS : 0;
+	if (t1 - t0 > INLINE_SLOW_NS)
+		uq->inline_paused_until = t1 + INLINE_PAUSE_NS;
+	else if (uq->inline_paused_until && t1 >= uq->inline_paused_until)
+		uq->inline_paused_until = 0; /* a fast lone write during the pause does not end it early */
 	return ret;
 }
 
