@@ -20,7 +20,7 @@
  * each takes the next chunk (under a coroutine mutex), reads it, and writes
  * it; writes are kept in order unless -W allows out-of-order writes.
  * In-order writes are pipelined (see conv_write), yet a qcow2 target's layout
- * is that of a serial copy; buffered raw targets go through a thread pool
+ * is that of a serial copy; buffered targets go through a thread pool
  * (see open_target).
  * With -c the chunks are 2 MiB too (not one cluster, as in qemu-img): all-zero
  * clusters are skipped, and qcow2 compresses the clusters of one write in
@@ -551,31 +551,29 @@ static int conv_do_copy(struct conv *s, bool progress)
 }
 
 /*
- * The target.  A raw target written through the page cache (no
- * cache.direct) gets aio=threads, as qemu-img's default, rather than
- * io_uring: a regular file's buffered writes cannot complete inline, so
- * io_uring hands each one to its io-wq workers, serialised per file, which
- * measured slower and costlier in CPU once several writes are queued
- * (pipelined, see conv_write); a pool of threads was the fastest of the
- * variants measured (bench/RESULTS.md).  One worker, not the driver's
+ * The target.  A target written through the page cache (no cache.direct)
+ * gets aio=threads, as qemu-img's default, rather than io_uring, so that its
+ * writes run on a second CPU while this thread reads the next chunks.  With
+ * io_uring a regular file's buffered write is either done in the submitting
+ * call (the driver does that on ext4, which cannot take them without
+ * blocking) or handed to io-wq, serialised per file; done inline the copy
+ * into the page cache and the read of the source take turns on one CPU
+ * (perf: each about half of the time).  One worker, not the driver's
  * default eight: buffered writes to one file serialise on its inode lock
  * (i_rwsem), so more writers only spin on it (perf: 12% of the cycles in
  * rwsem_spin_on_owner with eight); one worker already overlaps the writes
  * with the reads, and measured fastest (2 GiB half-full qcow2->raw, median
- * of 5: 1 worker 0.36 s, 2: 0.39 s, 4: 0.41 s, 8: 0.42 s, qemu-img 0.39 s).
- * qcow2 targets stay on io_uring
- * (a thread pool measured no faster for them, 1 GiB half-full raw->qcow2,
- * and the file node restarts its I/O instance when the file grows, which
- * costs a thread pool more).  Only for
- * a target named by a plain file name: an option string or json: spec says
- * what it wants.
+ * of 5: 1 worker 0.36 s, 2: 0.39 s, 4: 0.41 s, 8: 0.42 s, qemu-img 0.39 s;
+ * raw->qcow2, 2026-12-07: 0.21-0.23 s, io_uring 0.28 s, qemu-img 0.31 s).
+ * Only for a target named by a plain file name: an option string or json:
+ * spec says what it wants.
  */
 static struct vd_bnode *open_target(const char *filename, const char *fmt, const struct vd_cache_mode *cache)
 {
 	json_t *opts;
 	struct vd_bnode *bs;
 
-	if (cache->direct || !fmt || strcmp(fmt, "raw"))
+	if (cache->direct || !fmt)
 		return img_open(CMD, filename, fmt, false, cache, VD_BO_RDWR);
 	opts = vd_opts_parse_spec(filename);
 	if (!opts || json_object_size(opts) != 1 || !json_object_get(opts, "filename")) {
