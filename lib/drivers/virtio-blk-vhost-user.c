@@ -122,6 +122,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <poll.h>
+#include <sched.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -2104,6 +2105,11 @@ static int vu_reap(struct vdiskq *q, bool wait, const struct timespec *deadline)
 			while (__atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE) == vq->last_used) {
 				cpu_relax();
 				if (++spins % VU_SPIN_CLOCK_EVERY == 0) {
+					/*
+					 * Let a runnable thread on this CPU in: the back-end
+					 * may share it, and spinning until the tick starves it.
+					 */
+					sched_yield();
 					if (deadline && past(deadline))
 						return -ETIME;
 					if (is_dead(vd_priv(q->v)))

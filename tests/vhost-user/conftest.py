@@ -202,7 +202,7 @@ VDISKD = BUILD / "daemon" / "vdiskd"
 class Vdiskd:
     """vdiskd exporting one node over vhost-user-blk (export e0 on socket .sock); stderr goes to a file."""
 
-    def __init__(self, tmp, sock, blockdevs, export_opts, extra=()):
+    def __init__(self, tmp, sock, blockdevs, export_opts, extra=(), own_session=True):
         self.sock = str(sock)
         self.log = Path(tmp) / f"{Path(sock).stem}.log"
         self.argv = [str(VDISKD), "-v", *extra]
@@ -210,7 +210,8 @@ class Vdiskd:
             self.argv += ["--blockdev", bd]
         self.argv += ["--export", f"type=vhost-user-blk,id=e0,addr.type=unix,addr.path={sock},{export_opts}"]
         self._err = open(self.log, "wb")
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=self._err, start_new_session=True)
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=self._err,
+                                     start_new_session=own_session)
         end = time.monotonic() + 15
         while "vdiskd: ready" not in self.output():
             if self.proc.poll() is not None:
@@ -263,13 +264,14 @@ class Vdiskd:
 def vdiskd(tmp_path):
     """vdiskd(image=None, fmt='raw', size=..., writable=True, opts='', null=False, blockdev_opts='') -> Vdiskd.
     image: a file opened as node f0 (fmt qcow2: a qcow2 node q0 on top; the export serves the top node);
-    null: a null-co node.  opts: more export options (num-queues=2,...)."""
+    null: a null-co node.  opts: more export options (num-queues=2,...).  own_session=False: the daemon
+    stays in the test's session, so the scheduler's autogroups do not keep it apart from the test's clients."""
     if not VDISKD.exists():
         pytest.skip(f"vdiskd not built in {BUILD}")
     started = []
 
     def start(image=None, fmt="raw", size=256 * MiB, writable=True, opts="", null=False, blockdev_opts="",
-              extra=()):
+              extra=(), own_session=True):
         sock = tmp_path / f"vd{len(started)}.sock"
         if null:
             bds, node = [f"driver=null-co,node-name=f0,size={size},read-zeroes=on"
@@ -280,7 +282,7 @@ def vdiskd(tmp_path):
                 bds.append("driver=qcow2,node-name=q0,file=f0")
                 node = "q0"
         eo = f"node-name={node},writable={'on' if writable else 'off'}" + (f",{opts}" if opts else "")
-        d = Vdiskd(tmp_path, sock, bds, eo, extra)
+        d = Vdiskd(tmp_path, sock, bds, eo, extra, own_session)
         started.append(d)
         return d
 
