@@ -17,6 +17,13 @@
 # each number reported is the median over rounds.  Prints IOPS, mean and
 # p50 latency and the ratios vdiskd/qsd and vdiskd/io_uring.
 #
+# The -poll cases repeat 4k randread QD1 with polled completion on both
+# sides: the client on poll queues (--poll=1, it spins on the used rings),
+# vdiskd with poll-us=POLLED_US (it spins on the avail rings) and
+# qemu-storage-daemon on an iothread with poll-max-ns=POLLED_US*1000 (its
+# main loop does not poll).  The io_uring ceiling stays event-driven there:
+# a virtio-blk disk has no poll queues for IORING_SETUP_IOPOLL.
+#
 # Environment (all optional):
 #   VDISK_BUILD  build directory (default <repo>/build)
 #   BENCH_DIR    where the test file goes (default /var/tmp)
@@ -26,6 +33,7 @@
 #   ONLY         only cases whose name matches this extended regex
 #   POLL_US      poll-us for vdiskd's export (default 0)
 #   POLL_MAX_US  poll-max-us for vdiskd's export (default 0: no adaptive polling)
+#   POLLED_US    the daemons' polling window in the -poll cases (default 100)
 #   IOTHREADS    N > 0: vdiskd serves virtqueue i from iothread i mod N
 #                (iothread.0=io0,...); qemu-storage-daemon gets one iothread
 #                (7.2 takes no list for vhost-user-blk: all its queues there)
@@ -45,6 +53,7 @@ ONLY=${ONLY:-}
 POLL_US=${POLL_US:-0}
 POLL_MAX_US=${POLL_MAX_US:-0}
 IOTHREADS=${IOTHREADS:-0}
+POLLED_US=${POLLED_US:-100}
 PY=/usr/bin/python3
 
 for t in "$VDISK" "$VDISKD"; do
@@ -68,9 +77,10 @@ bytes=$($PY -c "import sys; s=sys.argv[1].upper(); m={'K':1<<10,'M':1<<20,'G':1<
 head -c "$bytes" /dev/urandom >"$file"
 sync "$file" # no writeback of it during the runs
 
-# start TARGET NODE QUEUES: a daemon exporting NODE (null or file) with QUEUES queues on $sock.
+# start TARGET NODE QUEUES POLLED: a daemon exporting NODE (null or file) with
+# QUEUES queues on $sock; POLLED=1: the daemon busy-polls its virtqueues.
 start() {
-	local target=$1 node=$2 queues=$3 bd objs=() it=""
+	local target=$1 node=$2 queues=$3 polled=$4 bd objs=() it="" poll_us=$POLL_US
 	rm -f "$sock"
 	if [ "$IOTHREADS" -gt 0 ]; then
 		for ((i = 0; i < IOTHREADS; i++)); do
@@ -79,13 +89,17 @@ start() {
 		done
 		[ "$target" = vdiskd ] || { objs=(--object iothread,id=io0); it=",iothread=io0"; }
 	fi
+	if [ "$polled" = 1 ]; then
+		poll_us=$POLLED_US
+		[ "$target" = vdiskd ] || { objs=(--object "iothread,id=io0,poll-max-ns=$((POLLED_US * 1000))"); it=",iothread=io0"; }
+	fi
 	if [ "$target" = vdiskd ]; then
 		if [ "$node" = null ]; then
 			bd="driver=null-co,node-name=n0,size=$bytes,read-zeroes=off"
 		else
 			bd="driver=file,node-name=n0,filename=$file,cache.direct=on"
 		fi
-		"$VDISKD" "${objs[@]}" --blockdev "$bd" --export "type=vhost-user-blk,id=e0,node-name=n0,writable=on,num-queues=$queues,poll-us=$POLL_US,poll-max-us=$POLL_MAX_US,addr.type=unix,addr.path=$sock$it" 2>>"$work/daemon.log" &
+		"$VDISKD" "${objs[@]}" --blockdev "$bd" --export "type=vhost-user-blk,id=e0,node-name=n0,writable=on,num-queues=$queues,poll-us=$poll_us,poll-max-us=$POLL_MAX_US,addr.type=unix,addr.path=$sock$it" 2>>"$work/daemon.log" &
 	else
 		if [ "$node" = null ]; then
 			bd="driver=null-co,node-name=n0,size=$bytes,read-zeroes=off"
@@ -110,16 +124,17 @@ stop() {
 	pid=""
 }
 
-# bench CASE TARGET NODE RW QD QUEUES: one measurement, appended to $results.
+# bench CASE TARGET NODE RW QD QUEUES POLLED: one measurement, appended to $results.
 failed=0
 bench() {
-	local case=$1 target=$2 node=$3 rw=$4 qd=$5 queues=$6 out
+	local case=$1 target=$2 node=$3 rw=$4 qd=$5 queues=$6 polled=$7 out client_poll=()
 	local args=(--rw="$rw" --bs=4k --iodepth="$qd" --numjobs="$queues" --runtime="${RUNTIME}s" --output=json)
 	if [ "$target" = io_uring ]; then
 		out=$(nice "$VDISK" bench --driver=io_uring --path="$file" --direct=1 "${args[@]}") || out=""
 	else
-		start "$target" "$node" "$queues"
-		out=$(nice "$VDISK" bench --driver=virtio-blk-vhost-user --path="$sock" --size="$bytes" "${args[@]}") || out=""
+		[ "$polled" = 1 ] && client_poll=(--poll=1)
+		start "$target" "$node" "$queues" "$polled"
+		out=$(nice "$VDISK" bench --driver=virtio-blk-vhost-user --path="$sock" --size="$bytes" "${client_poll[@]}" "${args[@]}") || out=""
 		stop
 	fi
 	if [ -z "$out" ]; then
@@ -134,20 +149,23 @@ cases=()
 for q in 1 2; do
 	for w in "randread 1" "randread 32" "randwrite 32"; do
 		set -- $w
-		cases+=("$1-qd$2-q$q:$1:$2:$q")
+		cases+=("$1-qd$2-q$q:$1:$2:$q:0")
 	done
+done
+for q in 1 2; do
+	cases+=("randread-qd1-q$q-poll:randread:1:$q:1")
 done
 
 for ((r = 1; r <= RUNS; r++)); do
 	echo "# round $r/$RUNS" >&2
 	for c in "${cases[@]}"; do
-		IFS=: read -r name rw qd q <<<"$c"
+		IFS=: read -r name rw qd q polled <<<"$c"
 		[ -n "$ONLY" ] && ! [[ $name =~ $ONLY ]] && continue
 		for node in null file; do
-			bench "$name" vdiskd "$node" "$rw" "$qd" "$q"
-			bench "$name" qsd "$node" "$rw" "$qd" "$q"
+			bench "$name" vdiskd "$node" "$rw" "$qd" "$q" "$polled"
+			bench "$name" qsd "$node" "$rw" "$qd" "$q" "$polled"
 		done
-		bench "$name" io_uring file "$rw" "$qd" "$q"
+		bench "$name" io_uring file "$rw" "$qd" "$q" 0
 	done
 done
 
