@@ -384,6 +384,10 @@ static int cmd_snapshot(int argc, char **argv)
 {
 	int ret;
 
+	/* A damaged magic probes as raw, which has no snapshot operations. */
+	if (!bs->fmt->snapshot_list || !bs->fmt->snapshot_create || !bs->fmt->snapshot_goto ||
+	    !bs->fmt->snapshot_delete)
+		return fail("snapshot", -ENOTSUP);
 	if (argc == 2 && !strcmp(argv[1], "-l")) {
 		struct vd_snapshot_info *l = NULL;
 		int n = 0;
@@ -442,6 +446,8 @@ static int cmd_backing(int argc, char **argv)
 
 	if (argc != 2 && argc != 3)
 		return -EINVAL;
+	if (!bs->fmt->co_change_backing)
+		return fail("backing", -ENOTSUP);
 	ret = bs->fmt->co_change_backing(bs, strcmp(argv[1], "-") ? argv[1] : NULL, argc == 3 ? argv[2] : NULL);
 	return ret < 0 ? fail("backing", ret) : 0;
 }
