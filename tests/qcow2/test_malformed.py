@@ -214,6 +214,17 @@ def test_bad_refcount_table_entry(tmp):
     qio(img, "read -P 0x61 0 1M", extra=["-r"])
 
 
+def test_refcount_table_moved_onto_other_metadata(tmp):
+    # Found by mutation: a reftable offset moved one cluster on (onto the L1
+    # table) left no usable refcount block for the allocation, which set one
+    # up and looked again, forever.  It must fail, marked corrupt, at once.
+    img = fresh(tmp, opts="refcount_bits=64")
+    put(img, 48, ">Q", get(img, 48, ">Q")[0] + (64 << 10))
+    p = vio(img, "write -P 1 8M 64k", check=False)
+    assert p.returncode == 1 and "refcount block" in p.stderr, p.stderr
+    qio(img, "read -P 0x61 0 1M", extra=["-r", "-U"])
+
+
 def test_refcount_overflow_on_snapshot(tmp):
     img = fresh(tmp, opts="refcount_bits=1")
     p = vio(img, "snapshot -c s1", check=False)

@@ -258,7 +258,7 @@ static int alloc_run(struct qcow2_state *s, uint64_t n, uint64_t extra_idx, uint
 static int update_one_range(struct qcow2_state *s, uint64_t c0, uint64_t c1, uint64_t addend, bool decrease,
 			    uint64_t *done)
 {
-	uint64_t per_block = 1ULL << s->refblock_bits;
+	uint64_t per_block = 1ULL << s->refblock_bits, set_up_idx = UINT64_MAX;
 	int ret = 0;
 
 	*done = c0;
@@ -275,9 +275,13 @@ static int update_one_range(struct qcow2_state *s, uint64_t c0, uint64_t c1, uin
 						c << s->cluster_bits);
 			/* Only for clusters in use without a refcount block (damaged images being repaired). */
 			uint64_t unused;
+			if (idx == set_up_idx) /* set up, yet still missing: never loop on a damaged table */
+				return qcow2_signal_corruption(s, "refcount block for reftable index %#" PRIx64
+							       " cannot be set up", idx);
 			ret = alloc_run(s, 0, idx, &unused);
 			if (ret < 0)
 				return ret;
+			set_up_idx = idx;
 			continue;
 		}
 		end = (idx + 1) * per_block;
