@@ -560,6 +560,8 @@ static int read_exact(struct nbd_conn *c, void *buf, size_t len)
 {
 	size_t have = c->rlen - c->rpos, done;
 
+	if (len == 0) /* a zero-length write has no buffer: buf may be NULL */
+		return 0;
 	if (have > len)
 		have = len;
 	memcpy(buf, c->rbuf + c->rpos, have);

@@ -197,6 +197,17 @@ def test_out_of_range_and_oversize_read(raw_daemon):
     assert simple_reply(s) == (0, 5)
 
 
+def test_zero_length_write(raw_daemon):
+    # No payload, so no buffer: the UBSan build aborted on memcpy(NULL, ..., 0).
+    s, _ = go(raw_daemon)
+    request(s, CMD_WRITE, 0, 0, cookie=1)
+    assert simple_reply(s) == (0, 1)
+    request(s, CMD_READ, 0, 16, cookie=2)
+    assert simple_reply(s) == (0, 2)
+    recv_exact(s, 16)
+    assert_healthy(raw_daemon)
+
+
 def test_oversize_write_hangs_up(raw_daemon):
     s, _ = go(raw_daemon)
     request(s, CMD_WRITE, 0, 1 << 30, cookie=1)
