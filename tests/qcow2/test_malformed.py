@@ -215,13 +215,15 @@ def test_bad_refcount_table_entry(tmp):
 
 
 def test_refcount_table_moved_onto_other_metadata(tmp):
-    # Found by mutation: a reftable offset moved one cluster on (onto the L1
-    # table) left no usable refcount block for the allocation, which set one
-    # up and looked again, forever.  It must fail, marked corrupt, at once.
+    # Found by mutation: the reftable offset moved one cluster on, onto the
+    # refcount block, so the reftable's entries read 0x1 (reserved bits only).
+    # Allocation saw a block there and the refcount update saw none, so it set
+    # one up and looked again, forever.  It must fail, marked corrupt, at once.
     img = fresh(tmp, opts="refcount_bits=64")
     put(img, 48, ">Q", get(img, 48, ">Q")[0] + (64 << 10))
     p = vio(img, "write -P 1 8M 64k", check=False)
-    assert p.returncode == 1 and "refcount block" in p.stderr, p.stderr
+    assert p.returncode == 1 and "refblock offset 0x1 unaligned" in p.stderr, p.stderr
+    assert qemu_info(img)["format-specific"]["data"]["corrupt"]
     qio(img, "read -P 0x61 0 1M", extra=["-r", "-U"])
 
 

@@ -109,13 +109,18 @@ static int get_block(struct qcow2_state *s, uint64_t idx, uint8_t **blk)
 	*blk = NULL;
 	if (idx >= s->refcount_table_size)
 		return 0;
+	/*
+	 * Absent only when the whole entry is zero, the test block_missing()
+	 * makes when it plans new blocks: an entry of reserved bits alone is
+	 * damage, not a missing block (allocating would find nothing to set up).
+	 */
 	e = s->refcount_table[idx];
-	off = e & REFT_OFFSET_MASK;
-	if (!off)
+	if (!e)
 		return 0;
-	if (off & (s->cluster_size - 1))
+	off = e & REFT_OFFSET_MASK;
+	if (e & (s->cluster_size - 1))
 		return qcow2_signal_corruption(s, "refblock offset %#" PRIx64 " unaligned (reftable index %#" PRIx64 ")",
-					       off, idx);
+					       e, idx);
 	if (off + s->cluster_size > file_end(s) + s->cluster_size)
 		return qcow2_signal_corruption(s, "refblock offset %#" PRIx64 " past the end of the file (reftable index %#" PRIx64 ")",
 					       off, idx);
@@ -258,7 +263,7 @@ static int alloc_run(struct qcow2_state *s, uint64_t n, uint64_t extra_idx, uint
 static int update_one_range(struct qcow2_state *s, uint64_t c0, uint64_t c1, uint64_t addend, bool decrease,
 			    uint64_t *done)
 {
-	uint64_t per_block = 1ULL << s->refblock_bits, set_up_idx = UINT64_MAX;
+	uint64_t per_block = 1ULL << s->refblock_bits;
 	int ret = 0;
 
 	*done = c0;
@@ -275,13 +280,9 @@ static int update_one_range(struct qcow2_state *s, uint64_t c0, uint64_t c1, uin
 						c << s->cluster_bits);
 			/* Only for clusters in use without a refcount block (damaged images being repaired). */
 			uint64_t unused;
-			if (idx == set_up_idx) /* set up, yet still missing: never loop on a damaged table */
-				return qcow2_signal_corruption(s, "refcount block for reftable index %#" PRIx64
-							       " cannot be set up", idx);
 			ret = alloc_run(s, 0, idx, &unused);
 			if (ret < 0)
 				return ret;
-			set_up_idx = idx;
 			continue;
 		}
 		end = (idx + 1) * per_block;
