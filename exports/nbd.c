@@ -27,9 +27,9 @@
  *     nothing to read (after polling it briefly: wait_readable); it
  *     starts a coroutine per request and goes on reading while those run
  *     (pipelining).  It stops reading while the connection has
- *     max-inflight requests or BUDGET payload bytes in flight, so a
- *     client that floods or never reads its replies is held back by TCP
- *     instead of by our memory;
+ *     max-inflight requests or BUDGET payload bytes in flight, or its
+ *     lane has LANE_BUDGET (hold_for_budget), so a client that floods or
+ *     never reads its replies is held back by TCP instead of by our memory;
  *   - a request coroutine does its block-layer call, then queues its
  *     reply on the connection; a flush coroutine sends all replies queued
  *     in one loop round with one sendmsg (see queue_reply).  Replies go out
@@ -106,6 +106,7 @@ enum {
 	NBD_REP_ERR_UNSUP = NBD_REP_ERR(1),
 	NBD_REP_ERR_POLICY = NBD_REP_ERR(2),
 	NBD_REP_ERR_INVALID = NBD_REP_ERR(3),
+	NBD_REP_ERR_SERVER = NBD_REP_ERR(4),
 	NBD_REP_ERR_TLS_REQD = NBD_REP_ERR(5),
 	NBD_REP_ERR_UNKNOWN = NBD_REP_ERR(6),
 	NBD_REP_ERR_SHUTDOWN = NBD_REP_ERR(7),
@@ -179,6 +180,7 @@ enum { CTX_BASE_ALLOCATION = 1, CTX_ALLOCATION_DEPTH = 2 };
 
 #define MAX_PAYLOAD (32u << 20)    /* largest read/write request (NBD_INFO_BLOCK_SIZE maximum) */
 #define BUDGET (64u << 20)         /* payload bytes in flight per connection */
+#define LANE_BUDGET (256u << 20)   /* ... and per lane, over all its connections */
 #define DEFAULT_MAX_INFLIGHT 128   /* requests in flight per connection */
 #define DEFAULT_POLL_MAX_US 64     /* adaptive polling of a connection's socket (wait_readable) */
 #define MAX_OPTION_LEN (64u << 10) /* option data we read during negotiation */
@@ -238,6 +240,8 @@ struct nbd_lane {
 	bool shutdown;
 	struct vdd_timer *grace;
 	struct buf_pool pool;
+	uint64_t inflight_bytes;        /* payload bytes in flight over all conns */
+	struct vd_co_queue budget_wait; /* receive coroutines held back by LANE_BUDGET */
 };
 
 struct nbd_export {
@@ -972,6 +976,12 @@ static enum hs_state opt_meta_context(struct nbd_conn *c, struct option *o)
 	uint32_t nlen, nq, pos;
 	const char *name;
 
+	if (set) {
+		/* A SET replaces the earlier choice even when it fails: none is active until one succeeds. */
+		free(c->meta_export);
+		c->meta_export = NULL;
+		c->ctx_base = c->ctx_depth = false;
+	}
 	if (!c->structured)
 		return after(send_rep_err(c, o->opt, NBD_REP_ERR_INVALID, "structured replies not negotiated"));
 	if (o->len < 8 || (nlen = get32(o->data)) > o->len - 8)
@@ -994,11 +1004,8 @@ static enum hs_state opt_meta_context(struct nbd_conn *c, struct option *o)
 	if (!find_export(name, nlen))
 		return after(send_rep_err(c, o->opt, NBD_REP_ERR_UNKNOWN, "export '%.*s' not available",
 					  (int)(nlen > 256 ? 256 : nlen), name));
-	if (set) {
-		free(c->meta_export);
-		c->meta_export = strndup(name, nlen);
-		c->ctx_base = c->ctx_depth = false;
-	}
+	if (set && !(c->meta_export = strndup(name, nlen)))
+		return after(send_rep_err(c, o->opt, NBD_REP_ERR_SERVER, "out of memory"));
 	if (nq == 0 && !set)
 		chosen[0] = chosen[1] = true; /* list everything */
 	for (uint32_t i = 0; i < nq; i++) {
@@ -1592,7 +1599,8 @@ static size_t pipe_room(const struct nbd_conn *c, uint64_t fd_off)
 /*
  * Splice as much of r's reply as comes from the page cache, under the send
  * lock.  Each piece is filled into the pipe before its header goes out.
- * Simple replies have a single header, so they must fit in one piece.
+ * Simple replies and NBD_CMD_FLAG_DF reads have a single header, so they
+ * must fit in one piece (splice_read sees to it).
  * Structured replies may take several OFFSET_DATA chunks; should a later
  * piece come up short, the rest is read into r->buf and sent as the last
  * chunk (or an error chunk).  Returns the bytes sent (0: nothing, the
@@ -1631,12 +1639,14 @@ static int splice_read(struct nbd_req *r)
 	uint64_t fd_off;
 	size_t sent;
 	bool broken = false;
+	/* A simple reply has one header; NBD_CMD_FLAG_DF allows one data chunk. */
+	bool one_piece = !c->structured || (r->flags & NBD_CMD_FLAG_DF);
 	int fd, ret;
 
-	if (c->tls || r->len < SPLICE_MIN || !conn_pipe(c) || (!c->structured && r->len > c->pipe_size) ||
+	if (c->tls || r->len < SPLICE_MIN || !conn_pipe(c) || (one_piece && r->len > c->pipe_size) ||
 	    vd_bnode_map_to_fd(c->exp->bs, r->offset, r->len, &fd, &fd_off) < 0)
 		return 0;
-	if (!c->structured && r->len > pipe_room(c, fd_off))
+	if (one_piece && r->len > pipe_room(c, fd_off))
 		return 0;
 	vd_co_mutex_lock(&c->send_lock);
 	sent = splice_pieces(r, fd, fd_off, &broken);
@@ -1930,11 +1940,14 @@ static void req_release(struct nbd_req *r)
 	pool_put(&c->lane->pool, r->buf, r->buf_len);
 	r->buf = NULL;
 	c->inflight_bytes -= r->payload;
+	c->lane->inflight_bytes -= r->payload;
 	c->inflight--;
 	r->next_free = c->free_reqs;
 	c->free_reqs = r;
 	if (!vd_co_queue_empty(&c->slot_wait))
 		vd_co_queue_wake_one(&c->slot_wait);
+	if (r->payload && !vd_co_queue_empty(&c->lane->budget_wait))
+		vd_co_queue_wake_all(&c->lane->budget_wait);
 	if (c->inflight == 0 && !vd_co_queue_empty(&c->drained))
 		vd_co_queue_wake_all(&c->drained);
 }
@@ -1991,6 +2004,28 @@ static void req_co(void *opaque)
 			r->len, strerror(-ret));
 	if (!r->queued)
 		req_release(r); /* else the flusher does, once the reply is out */
+}
+
+/*
+ * Hold a request of payload bytes back while its connection, or its lane,
+ * has too many bytes in flight.  A connection's only request always goes
+ * ahead: clients that never read their replies may pin the lane's budget,
+ * and that must not stall the others.  So the memory pinned is at most
+ * LANE_BUDGET per lane plus one request per connection (max-connections
+ * bounds the rest).
+ */
+static void hold_for_budget(struct nbd_conn *c, size_t payload)
+{
+	struct nbd_lane *lane = c->lane;
+
+	while (!c->closing && c->inflight > 1) {
+		if (c->inflight_bytes + payload > BUDGET)
+			vd_co_queue_wait(&c->slot_wait, NULL);
+		else if (lane->inflight_bytes + payload > LANE_BUDGET)
+			vd_co_queue_wait(&lane->budget_wait, NULL);
+		else
+			break;
+	}
 }
 
 /* The receive coroutine: requests in, until the connection ends. */
@@ -2065,10 +2100,9 @@ static void recv_loop(struct nbd_conn *c)
 		payload = (has_payload || (r->type == NBD_CMD_READ && r->len <= MAX_PAYLOAD)) ? (size_t)r->len : 0;
 		c->inflight++;
 		r->payload = payload;
-		/* Hold the request back while too many bytes are in flight (always admit one). */
-		while (!c->closing && c->inflight > 1 && c->inflight_bytes + payload > BUDGET)
-			vd_co_queue_wait(&c->slot_wait, NULL);
+		hold_for_budget(c, payload);
 		c->inflight_bytes += payload;
+		c->lane->inflight_bytes += payload;
 		if (payload) {
 			r->buf = pool_get(&c->lane->pool, payload);
 			r->buf_len = payload;
@@ -2316,8 +2350,10 @@ static int nbd_create(struct vd_export *exp, json_t *opts, char **errp)
 		free(e->name);
 		return vdd_error(errp, "out of memory");
 	}
-	for (int i = 0; i < e->n_lanes; i++)
+	for (int i = 0; i < e->n_lanes; i++) {
 		e->lanes[i] = (struct nbd_lane){ .e = e, .thread = exp->threads[i] };
+		vd_co_queue_init(&e->lanes[i].budget_wait);
+	}
 	e->next = nbd_exports;
 	nbd_exports = e;
 	return 0;
@@ -2362,6 +2398,7 @@ static void lane_shutdown(void *opaque)
 		next = c->next; /* waking c's reader may free c */
 		c->closing = true;
 		vd_co_queue_wake_all(&c->slot_wait);
+		vd_co_queue_wake_all(&lane->budget_wait);
 		/* The reader stops; a writer blocked on a full socket retries until the grace period ends. */
 		vdd_cofd_wake(&c->cofd);
 	}

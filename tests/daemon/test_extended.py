@@ -227,3 +227,36 @@ def test_plain_clients_still_work(big_daemon):
     p = run(["nbdinfo", "--map", f"nbd+unix:///r0?socket={big_daemon.nbd_path}"])
     rows = [line.split() for line in p.stdout.decode().splitlines()]
     assert sum(int(r[1]) for r in rows) == SIZE and all(r[2] == "3" for r in rows), rows
+
+
+def test_failed_set_meta_context_clears_the_earlier_choice(big_daemon):
+    """
+    NBD_OPT_SET_META_CONTEXT replaces the contexts chosen before even when it
+    fails, so after a failed SET no context is active and BLOCK_STATUS is
+    refused (the old daemon kept base:allocation from the first SET).
+    """
+    s = connect(big_daemon)
+    send_opt(s, OPT_STRUCTURED_REPLY)
+    assert recv_rep(s)[1] == REP_ACK
+    name, ctx = b"r0", b"base:allocation"
+
+    def set_meta(export):
+        send_opt(s, OPT_SET_META_CONTEXT,
+                 struct.pack(">I", len(export)) + export + struct.pack(">II", 1, len(ctx)) + ctx)
+        replies = []
+        while True:
+            replies.append(recv_rep(s)[1])
+            if replies[-1] != REP_META_CONTEXT:
+                return replies
+
+    assert set_meta(name) == [REP_META_CONTEXT, REP_ACK]
+    [err] = set_meta(b"no-such-export")
+    assert err & 0x80000000
+    send_opt(s, OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+    while recv_rep(s)[1] != REP_ACK:
+        pass
+    s.sendall(struct.pack(">IHHQQI", REQ_MAGIC, 0, CMD_BLOCK_STATUS, 1, 0, 1 << 20))
+    magic, flags, rtype, cookie, length = struct.unpack(">IHHQI", recv_exact(s, 20))
+    assert (magic, cookie, rtype) == (STRUCTURED_MAGIC, 1, TYPE_ERROR)
+    assert struct.unpack(">I", recv_exact(s, length)[:4])[0] == 22  # NBD_EINVAL
+    s.close()

@@ -321,3 +321,59 @@ def test_hard_export_del_with_io_in_flight_on_iothread(daemon_factory, raw_image
     s.close()
     d.qmp("block-export-add", type="nbd", id="e0", node_name="r0", writable=True, iothread="io0")
     assert_healthy(d)
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    raise AssertionError("no VmRSS")
+
+
+def settled_rss_mib(pid, timeout=15):
+    """The daemon's RSS once it stopped growing for a second."""
+    last, since = rss_mib(pid), time.monotonic()
+    deadline = since + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = rss_mib(pid)
+        if now > last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > 1:
+            break
+    return last
+
+
+def test_clients_that_never_read_share_one_budget(daemon_factory):
+    """
+    Many clients that queue reads and never read the replies: each alone
+    may pin its own 64 MiB budget, but all of them together are held to the
+    lane's budget (256 MiB) plus one request each, not 64 MiB per client.
+    """
+    clients, length = 24, 4 * MiB
+    d = daemon_factory(["--blockdev", "driver=null-co,node-name=r0,size=1G,read-zeroes=on",
+                        "--export", "type=nbd,id=e0,node-name=r0,writable=on"])
+    def healthy():
+        h = nbd_handle(d.uri("r0"))
+        assert h.pread(4096, 0) == bytes(4096)  # a null node reads zeroes
+        h.shutdown()
+
+    healthy()
+    base = settled_rss_mib(d.proc.pid)
+    socks = []
+    for c in range(clients):
+        s, _ = go(d)
+        s.sendall(b"".join(struct.pack(">IHHQQI", REQ_MAGIC, 0, CMD_READ, i, i * length, length)
+                           for i in range(32)))  # 128 MiB of reads, never read
+        socks.append(s)
+    grown = settled_rss_mib(d.proc.pid) - base
+    print(f"RSS grew by {grown} MiB with {clients} clients not reading")
+    # Per-connection budgets alone allow 24 * 64 MiB = 1.5 GiB.
+    assert grown < 256 + clients * length // MiB + 200, f"RSS grew by {grown} MiB"
+    t = time.monotonic()
+    healthy()  # the lane's budget is pinned, yet a new client's first request goes ahead
+    assert time.monotonic() - t < 8
+    for s in socks:
+        s.close()
+    healthy()

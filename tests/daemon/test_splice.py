@@ -87,6 +87,26 @@ def test_large_structured_read_is_spliced_in_chunks(daemon_factory, tmp_path):
     assert chunks[0][0] == off
 
 
+@pytest.mark.parametrize("length", [MiB, 4 * MiB])
+def test_df_read_is_one_chunk(daemon_factory, tmp_path, length):
+    """NBD_CMD_FLAG_DF allows one data chunk: spliced only when the pipe holds it all, else read."""
+    path = tmp_path / "data.raw"
+    data = make_data_file(path)
+    d = raw_daemon_on(daemon_factory, path)
+    h = nbd_handle(d.uri("r0"))
+    chunks = []
+
+    def chunk(subbuf, offset, status, err):
+        chunks.append((status, offset, len(subbuf)))
+        return 0
+
+    off = MiB + 4096
+    assert h.pread_structured(length, off, chunk, flags=nbd.CMD_FLAG_DF) == data[off:off + length]
+    h.shutdown()
+    assert chunks == [(nbd.READ_DATA, off, length)]
+    assert spliced(d) == ((1, length) if length == MiB else (0, 0))
+
+
 def test_simple_reply_larger_than_the_pipe_is_read(daemon_factory, tmp_path):
     """A simple reply has one header: a read the pipe cannot hold at once goes the buffer way."""
     path = tmp_path / "data.raw"
