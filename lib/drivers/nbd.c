@@ -14,13 +14,20 @@
  * export-name defaults to "".  read-only=false on an export the server offers
  * read-only fails at connect with -EROFS (QEMU's behaviour without
  * auto-read-only).  direct has no meaning over NBD and is ignored.
+ * connect-timeout (seconds, default 30, 0: none) bounds each connection's
+ * socket connect and handshake (not a DNS lookup): a server that stops
+ * answering mid-handshake fails vdisk_connect/vdisk_start with -ETIMEDOUT
+ * instead of hanging them.
  *
- * Limits from the handshake: capacity = export size; request-alignment =
+ * Limits from the handshake: capacity = export size (rounded down to the
+ * minimum block size: an unaligned tail cannot be reached by aligned
+ * requests; a size of 2^63 or more fails with -EPROTO); request-alignment =
  * the server's minimum block size; optimal-io-size/-alignment = preferred
- * block size (4096 when not advertised, as the NBD spec says);
- * max-transfer = maximum block size, capped at 32 MiB (the protocol's
- * default payload limit).  Read-only bool properties can-flush, can-fua,
- * can-trim, can-zero, can-fast-zero, can-multi-conn report the server's flags.
+ * block size (4096 when not advertised, as the NBD spec says; at most
+ * max-transfer); max-transfer = maximum block size, capped at 32 MiB (the
+ * protocol's default payload limit).  Read-only bool properties can-flush,
+ * can-fua, can-trim, can-zero, can-fast-zero, can-multi-conn report the
+ * server's flags.
  *
  * Queues: one NBD connection per queue, driven only by the queue's thread
  * (connect() keeps its handle for queue 0).  Without multi-conn the NBD spec
@@ -49,8 +56,16 @@
  *     no-op: the caller asked for the range to be deallocated);
  *   - flush on a server without FLUSH succeeds (the server says it has no
  *     volatile cache to flush, QEMU does the same).
+ * Reads count the bytes the server's chunks cover (libnbd checks that only
+ * in nbd_aio_command_completed(), which completion callbacks bypass): a
+ * reply that covers less or more than the request (a DONE with data
+ * missing, overlapping chunks) fails with -EIO instead of handing the
+ * caller whatever its buffer held before.  Overlaps are found from the
+ * ranges covered so far (cover()), so one that cancels a gap is caught too,
+ * unless out-of-order chunks leave more than READ_SPANS separate ranges.
  * Errors: the server's error becomes -errno with a message (ESHUTDOWN:
- * "the server is shutting down"); when the connection dies libnbd fails
+ * "the server is shutting down"); when the connection dies (the server
+ * closed it, or broke the protocol and libnbd dropped it) libnbd fails
  * every command with ENOTCONN, which we report as -EIO "connection to the
  * NBD server lost: <reason>"; later requests on that queue fail the same way
  * at once.  Nothing waits for a dead socket.  Destroying a queue sends
@@ -108,6 +123,8 @@
 #define NBD_RING_CQ 512
 #define NBD_CLOSE_TIMEOUT_MS 2000
 #define NBD_DRIVE_BATCH 1024          /* socket events handled per drive() */
+#define NBD_CONNECT_TIMEOUT_S 30      /* default connect-timeout */
+#define READ_SPANS 8                  /* separate ranges out-of-order read chunks may leave */
 
 /* io_uring user_data tags. */
 enum { TAG_NONE = 0, TAG_POLLIN = 1, TAG_POLLOUT = 2 };
@@ -119,6 +136,7 @@ struct nbd_state {
 	char *host;
 	char *port;
 	char *export_name;
+	int connect_timeout;    /* seconds, 0: none */
 	/* From the handshake. */
 	bool can_flush, can_fua, can_trim, can_zero, can_fast_zero, can_multi_conn;
 	const char *target;     /* for messages: points into target_buf */
@@ -177,6 +195,12 @@ struct nbd_req {
 	bool flush_after;     /* FUA emulated with a flush */
 	bool zero_fallback;   /* write-zeroes as writes of the zero buffer */
 	bool msg_set;         /* r->msg already holds the reason for err */
+	uint64_t seen;        /* read: bytes the server's chunks covered */
+	bool overlap;         /* read: two chunks covered the same bytes */
+	uint8_t n_spans;
+	struct span {
+		uint64_t start, end;
+	} spans[READ_SPANS]; /* read: what the chunks covered so far, sorted, disjoint */
 };
 
 #define STR_PROP(n, f)                                                                                 \
@@ -191,6 +215,8 @@ static const struct vd_prop nbd_props[] = {
 	STR_PROP("host", host),
 	STR_PROP("port", port),
 	STR_PROP("export-name", export_name),
+	{ .name = "connect-timeout", .type = VD_PROP_INT, .read_states = VD_ANY_STATE, .write_states = VD_CREATED,
+	  .in_driver = true, .offset = offsetof(struct nbd_state, connect_timeout), .min = 0, .max = 86400 },
 	FLAG_PROP("can-flush", can_flush),
 	FLAG_PROP("can-fua", can_fua),
 	FLAG_PROP("can-trim", can_trim),
@@ -256,6 +282,38 @@ static int check_target(struct vdisk *v, struct nbd_state *s)
 	return 0;
 }
 
+/* libnbd's message without the "nbd_aio_notify_read: " prefix naming our call. */
+static const char *reason(const char *msg)
+{
+	const char *colon;
+
+	if (msg && !strncmp(msg, "nbd_", 4) && (colon = strstr(msg, ": ")))
+		return colon + 2;
+	return msg;
+}
+
+/*
+ * Finish the connection nbd_aio_connect_*() started.  nbd_connect_*() would
+ * wait for ever on a server that stops answering mid-handshake; poll with a
+ * deadline instead.  0, -ETIMEDOUT, or -1 with libnbd's error set (or none
+ * if the server closed the connection).
+ */
+static int wait_connected(struct nbd_handle *h, int timeout_s)
+{
+	struct timespec deadline, ts = { .tv_sec = timeout_s, .tv_nsec = 0 };
+
+	vd_deadline_from_timeout(&deadline, &ts);
+	while (nbd_aio_is_connecting(h) == 1) {
+		int ms = timeout_s > 0 ? vd_deadline_remaining_ms(&deadline) : -1;
+
+		if (ms == 0)
+			return -ETIMEDOUT;
+		if (nbd_poll(h, ms) < 0)
+			return -1;
+	}
+	return nbd_aio_is_ready(h) == 1 ? 0 : -1;
+}
+
 /* A new handle connected to the target; NULL with the error set (prefixed by who). */
 static struct nbd_handle *open_handle(struct vdisk *v, const char *who, const char *name, int *err)
 {
@@ -283,11 +341,11 @@ static struct nbd_handle *open_handle(struct vdisk *v, const char *who, const ch
 		 * tls-certificates), as nbdcopy and nbdinfo do.
 		 */
 		nbd_set_uri_allow_local_file(h, true);
-		ret = nbd_connect_uri(h, s->uri);
+		ret = nbd_aio_connect_uri(h, s->uri);
 	} else if (set(v->path)) {
-		ret = nbd_connect_unix(h, v->path);
+		ret = nbd_aio_connect_unix(h, v->path);
 	} else if (set(s->host)) {
-		ret = nbd_connect_tcp(h, s->host, s->port ? s->port : NBD_DEFAULT_PORT);
+		ret = nbd_aio_connect_tcp(h, s->host, s->port ? s->port : NBD_DEFAULT_PORT);
 	} else {
 		sock = fcntl(v->fd, F_DUPFD_CLOEXEC, 0); /* libnbd closes what it is given */
 		if (sock < 0) {
@@ -295,10 +353,19 @@ static struct nbd_handle *open_handle(struct vdisk *v, const char *who, const ch
 			nbd_close(h);
 			return NULL;
 		}
-		ret = nbd_connect_socket(h, sock);
+		ret = nbd_aio_connect_socket(h, sock);
+	}
+	if (ret == 0)
+		ret = wait_connected(h, s->connect_timeout);
+	if (ret == -ETIMEDOUT) {
+		*err = vd_error(ETIMEDOUT, "%s: connecting to %s failed: no handshake within connect-timeout (%d s)",
+				who, s->target, s->connect_timeout);
+		nbd_close(h);
+		return NULL;
 	}
 	if (ret < 0) {
-		*err = vd_error(nbd_err(), "%s: connecting to %s failed: %s", who, s->target, nbd_get_error());
+		*err = vd_error(nbd_err(), "%s: connecting to %s failed: %s", who, s->target,
+				nbd_get_error() ? reason(nbd_get_error()) : "the server closed the connection");
 		nbd_close(h);
 		return NULL;
 	}
@@ -321,8 +388,14 @@ static int nbd_connect(struct vdisk *v)
 		return ret;
 
 	size = nbd_get_size(h);
-	if (size < 0) {
-		ret = vd_error(nbd_err(), "%s: %s: cannot get the export size: %s", who, s->target, nbd_get_error());
+	if (size < 0 && nbd_is_read_only(h) < 0) {
+		ret = vd_error(EPROTO, "%s: %s: the server finished the handshake without sending the export size",
+			       who, s->target);
+		goto fail;
+	}
+	if (size < 0) { /* libnbd passes a wire size of 2^63 or more on as a negative int64 */
+		ret = vd_error(EPROTO, "%s: %s: server advertises an export size of 2^63 bytes or more (%" PRIu64 ")",
+			       who, s->target, (uint64_t)size);
 		goto fail;
 	}
 	if (nbd_is_read_only(h) == 1 && !v->read_only) {
@@ -355,11 +428,14 @@ static int nbd_connect(struct vdisk *v)
 	max -= max % min;
 	if (max < min)
 		max = min;
+	/* A preferred size past what one request may carry is no use (max 0xffffffff allows any). */
+	if (pref > max)
+		pref = max;
 
-	v->capacity = (uint64_t)size;
+	v->capacity = (uint64_t)size - (uint64_t)size % (uint64_t)min;
 	v->request_alignment = (int)min;
 	v->buf_alignment = 1;
-	v->optimal_io_size = (int)(pref > INT_MAX ? INT_MAX : pref);
+	v->optimal_io_size = (int)pref;
 	v->optimal_io_alignment = v->optimal_io_size;
 	v->optimal_buf_alignment = 64;
 	v->max_transfer = (int)max;
@@ -382,6 +458,14 @@ static int nbd_connect(struct vdisk *v)
 fail:
 	nbd_close(h);
 	return ret;
+}
+
+static int nbd_init(struct vdisk *v)
+{
+	struct nbd_state *s = vd_priv(v);
+
+	s->connect_timeout = NBD_CONNECT_TIMEOUT_S;
+	return 0;
 }
 
 static void nbd_destroy(struct vdisk *v)
@@ -514,6 +598,7 @@ static void mark_dead(struct nbd_queue *nq, const char *why)
 	if (nq->dead)
 		return;
 	nq->dead = true;
+	why = reason(why); /* the reason has little room in a request's message */
 	snprintf(nq->dead_msg, sizeof(nq->dead_msg), "%s", why && *why ? why : "connection closed");
 }
 
@@ -684,12 +769,77 @@ static void bounce_put(struct nbd_queue *nq, struct bounce *b)
 
 /* ---- data path ----------------------------------------------------------------- */
 
+/*
+ * Note that a read chunk covered [start, end) in p->spans; false when it
+ * overlaps what an earlier chunk covered.  Chunks in order keep a single
+ * span; should out-of-order ones leave more separate ranges than fit, the
+ * check falls back to counting bytes alone.
+ */
+static bool cover(struct nbd_req *p, uint64_t start, uint64_t end)
+{
+	struct span *sp = p->spans;
+	int i = 0, n = p->n_spans;
+
+	while (i < n && sp[i].end < start)
+		i++;
+	if (i < n && sp[i].start < end && start < sp[i].end)
+		return false;
+	if (i < n && sp[i].end == start) { /* extends span i */
+		if (i + 1 < n && sp[i + 1].start < end)
+			return false;
+		sp[i].end = end;
+		if (i + 1 < n && sp[i + 1].start == end) { /* and closes the gap to the next */
+			sp[i].end = sp[i + 1].end;
+			memmove(&sp[i + 1], &sp[i + 2], (size_t)(n - i - 2) * sizeof(*sp));
+			p->n_spans--;
+		}
+		return true;
+	}
+	if (i < n && sp[i].start == end) {
+		sp[i].start = start;
+		return true;
+	}
+	if (n < READ_SPANS) {
+		memmove(&sp[i + 1], &sp[i], (size_t)(n - i) * sizeof(*sp));
+		sp[i] = (struct span){ start, end };
+		p->n_spans++;
+	}
+	return true;
+}
+
+/* Read chunk callback: note what the server covered (libnbd checks each chunk is inside the request). */
+static int read_chunk(void *opaque, const void *subbuf, size_t count, uint64_t offset, unsigned status, int *error)
+{
+	struct nbd_req *p = opaque;
+
+	(void)subbuf;
+	(void)error;
+	if ((status == LIBNBD_READ_DATA || status == LIBNBD_READ_HOLE) && count) {
+		p->seen += count;
+		if (!cover(p, offset, offset + count))
+			p->overlap = true;
+	}
+	return 0;
+}
+
 static int cmd_done(void *opaque, int *error)
 {
 	struct nbd_req *p = opaque;
 	struct nbd_queue *nq = p->nq;
+	struct vd_request *r = req_of(p);
 
 	p->inflight--;
+	/* Success with the buffer not exactly covered: part of it is stale. */
+	if (!*error && r->op == VD_OP_READ && (p->seen != r->len || p->overlap) && !p->err) {
+		if (p->overlap)
+			snprintf(r->msg, sizeof(r->msg), "nbd: read at offset %" PRIu64 ": the server's reply has "
+				 "overlapping chunks", r->offset);
+		else
+			snprintf(r->msg, sizeof(r->msg), "nbd: read at offset %" PRIu64 ": the server's reply covered "
+				 "%" PRIu64 " of %" PRIu64 " bytes", r->offset, p->seen, r->len);
+		p->msg_set = true;
+		p->err = EIO;
+	}
 	if (*error && !p->err)
 		p->err = *error;
 	if (!p->on_ready) {
@@ -789,7 +939,9 @@ static void issue_rw(struct nbd_req *p, void *buf)
 
 	p->inflight++;
 	if (r->op == VD_OP_READ)
-		c = nbd_aio_pread(h, buf, (size_t)r->len, r->offset, completion(p), 0);
+		c = nbd_aio_pread_structured(h, buf, (size_t)r->len, r->offset,
+					     (nbd_chunk_callback){ .callback = read_chunk, .user_data = p },
+					     completion(p), 0);
 	else
 		c = nbd_aio_pwrite(h, buf, (size_t)r->len, r->offset, completion(p), p->nbd_flags);
 	if (c < 0) {
@@ -1081,6 +1233,7 @@ const struct vd_driver vd_driver_nbd = {
 	.queue_priv_size = sizeof(struct nbd_queue),
 	.req_priv_size = sizeof(struct nbd_req),
 	.props = nbd_props,
+	.init = nbd_init,
 	.connect = nbd_connect,
 	.destroy = nbd_destroy,
 	.queue_init = nbd_queue_init,

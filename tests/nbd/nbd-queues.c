@@ -28,6 +28,12 @@
  *   abandon       print "ready", wait for a line on stdin (the test stalls
  *                 the server), put 8 reads in flight, then vdisk_destroy():
  *                 prints how long destroy took (it must not wait for ever).
+ *   connect       only connect and start (the test's server may refuse):
+ *                 prints "connected" and the limits.  A failure to connect
+ *                 exits 1 with "message [strerror]" in every mode.
+ *   stall         one read on a server that never answers it:
+ *                 do_io(min=1, 300 ms) must give -ETIME, then prints how long
+ *                 vdisk_destroy() took.
  *
  * Exit: 0 ok, 1 check failed, 2 usage, 3 hang (watchdog or do_io timeout).
  */
@@ -483,6 +489,40 @@ static void mode_abandon(void)
 	free(buf);
 }
 
+/* ---- connect / stall ---- */
+
+static void mode_connect(void)
+{
+	int align = 0, opt = 0, maxt = 0;
+
+	if (vdisk_get_int(v, "request-alignment", &align) < 0 || vdisk_get_int(v, "optimal-io-size", &opt) < 0 ||
+	    vdisk_get_int(v, "max-transfer", &maxt) < 0)
+		die(1, "%s", vdisk_get_error_msg());
+	printf("connected capacity=%" PRIu64 " request-alignment=%d optimal-io-size=%d max-transfer=%d\n", capacity,
+	       align, opt, maxt);
+}
+
+static void mode_stall(void)
+{
+	struct vdiskq *q = vdisk_get_queue(v, 0);
+	struct vdisk_completion c[1];
+	struct timespec to = { .tv_sec = 0, .tv_nsec = 300 * 1000000L };
+	unsigned char *buf = malloc(BS);
+	int64_t t0;
+	int ret;
+
+	if (!q || !buf)
+		die(1, "setup failed");
+	vdiskq_read(q, 0, buf, BS, (void *)1, 0);
+	ret = vdiskq_do_io(q, c, 1, 1, &to);
+	if (ret != -ETIME)
+		die(1, "stall: do_io returned %d, expected -ETIME (%s)", ret, ret == 1 ? c[0].error_msg : "");
+	t0 = now_ms();
+	vdisk_destroy(&v);
+	printf("stall: -ETIME; destroy took %" PRId64 " ms\n", now_ms() - t0);
+	free(buf);
+}
+
 int main(int argc, char **argv)
 {
 	const char *sets[MAX_SETS];
@@ -536,6 +576,12 @@ int main(int argc, char **argv)
 	}
 	else if (!strcmp(argv[i], "timeout"))
 		mode_timeout();
+	else if (!strcmp(argv[i], "connect"))
+		mode_connect();
+	else if (!strcmp(argv[i], "stall")) {
+		mode_stall();
+		return 0;
+	}
 	else if (!strcmp(argv[i], "hammer") && i + 1 < argc)
 		mode_hammer(num(argv[i + 1]));
 	else
