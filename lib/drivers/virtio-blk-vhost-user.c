@@ -18,6 +18,9 @@
  *   discard, write-zeroes  bool, default true: negotiate VIRTIO_BLK_F_DISCARD /
  *                  VIRTIO_BLK_F_WRITE_ZEROES when offered (as QEMU's
  *                  virtio-blk device properties of the same names)
+ *   reply-timeout  int, seconds, default 30 (1..3600): how long any control
+ *                  reply may take (a slower one kills the connection), and
+ *                  how long destroy waits for requests in flight
  * and, once connected, read-only bools can-flush, can-discard,
  * can-write-zeroes (what the back-end offers).
  *
@@ -27,7 +30,7 @@
  *      the hosts vhost-user runs on; we refuse to build elsewhere), shared
  *      with vdiskd's vhost-user-blk export in util/vhost-user.h;
  *   2. the control channel: one request/reply transaction at a time under a
- *      mutex, fds in SCM_RIGHTS, every wait bounded (VU_REPLY_TIMEOUT_MS);
+ *      mutex, fds in SCM_RIGHTS, every wait bounded (reply-timeout);
  *   3. the connection: handshake at connect, written as named steps, and a
  *      monitor thread that notices the back-end going away;
  *   4. memory: the mem table (ADD_MEM_REG/REM_MEM_REG when the back-end
@@ -95,7 +98,10 @@
  *     discard without VIRTIO_BLK_F_DISCARD fails with -ENOTSUP;
  *   - discard ranges not aligned to request-alignment shrink to the aligned
  *     part (discard is advisory); misaligned write-zeroes fail with -EINVAL.
- * Status VIRTIO_BLK_S_IOERR -> -EIO, VIRTIO_BLK_S_UNSUPP -> -ENOTSUP.
+ * Status VIRTIO_BLK_S_IOERR -> -EIO, VIRTIO_BLK_S_UNSUPP -> -ENOTSUP; a
+ * status byte the back-end did not write (or an unknown value), a used
+ * length beyond the request's device-writable bytes, or a read whose used
+ * length does not cover its data -> -EIO.
  *
  * Disconnect: a monitor thread sleeps in poll() on the socket (POLLRDHUP
  * only: it never consumes replies) and on a stop eventfd.  When the
@@ -107,7 +113,7 @@
  * malformed reply) or a malformed used ring marks the instance dead too.
  * No reconnection: the instance must be destroyed and created again.
  *
- * Teardown: queue_fini waits (at most VU_FINI_TIMEOUT_MS while the back-end
+ * Teardown: queue_fini waits (at most reply-timeout while the back-end
  * lives) for requests in flight, since the back-end writes into caller
  * buffers until it completes them, then stops the ring (GET_VRING_BASE).
  *
@@ -156,8 +162,7 @@ _Static_assert(sizeof(struct vu_slot_area) == 64, "slot area is one cache line")
 
 /* ==== tunables =============================================================== */
 
-#define VU_REPLY_TIMEOUT_MS 30000  /* a control reply that takes longer kills the connection */
-#define VU_FINI_TIMEOUT_MS 30000   /* queue_fini waits this long for a live back-end */
+#define VU_REPLY_TIMEOUT_S 30      /* default reply-timeout: control replies, queue_fini's wait */
 #define VU_MAX_REGIONS 512         /* our region table (max-mem-regions cap) */
 #define VU_WINDOW 8                /* subs in flight per split discard / write-zeroes */
 #define VU_ZERO_BUF (64u << 10)    /* zero buffer for emulated write-zeroes */
@@ -194,6 +199,7 @@ struct vu_state {
 	bool prop_indirect;
 	bool prop_mem_slots;
 	bool prop_discard, prop_write_zeroes;
+	int reply_timeout; /* seconds */
 	bool can_flush, can_discard, can_write_zeroes;
 
 	/* Connection. */
@@ -310,6 +316,8 @@ static const struct vd_prop vu_props[] = {
 	  .in_driver = true, .offset = offsetof(struct vu_state, prop_discard) },
 	{ .name = "write-zeroes", .type = VD_PROP_BOOL, .read_states = VD_ANY_STATE, .write_states = VD_CREATED,
 	  .in_driver = true, .offset = offsetof(struct vu_state, prop_write_zeroes) },
+	{ .name = "reply-timeout", .type = VD_PROP_INT, .read_states = VD_ANY_STATE, .write_states = VD_CREATED,
+	  .in_driver = true, .offset = offsetof(struct vu_state, reply_timeout), .min = 1, .max = 3600 },
 	{ .name = "can-flush", .type = VD_PROP_BOOL, .read_states = VD_CONNECTED | VD_STARTED,
 	  .write_states = VD_NEVER, .in_driver = true, .offset = offsetof(struct vu_state, can_flush) },
 	{ .name = "can-discard", .type = VD_PROP_BOOL, .read_states = VD_CONNECTED | VD_STARTED,
@@ -392,6 +400,13 @@ static void mark_dead(struct vu_state *s, const char *fmt, ...)
 		vsnprintf(s->dead_msg, sizeof(s->dead_msg), fmt, ap);
 		va_end(ap);
 		__atomic_store_n(&s->dead, 1, __ATOMIC_RELEASE);
+		/*
+		 * Hang up (the fd stays open until destroy): the queues fail their
+		 * requests now, so a back-end that broke the protocol or stopped
+		 * answering must stop using the rings and the caller's buffers.
+		 */
+		if (s->sock >= 0)
+			shutdown(s->sock, SHUT_RDWR);
 		for (int i = 0; i < VU_MAX_QUEUES; i++)
 			for (int k = 0; k < 2; k++)
 				if (s->wake_fds[i][k] >= 0)
@@ -590,7 +605,7 @@ static int vhu_call(struct vu_state *s, const char *who, uint32_t req, const voi
 				s->dead_msg);
 	if (want_ack)
 		flags |= VHU_FLAG_NEED_REPLY;
-	deadline_in(&deadline, VU_REPLY_TIMEOUT_MS);
+	deadline_in(&deadline, s->reply_timeout * 1000);
 	pthread_mutex_lock(&s->conn_lock);
 	ret = vhu_send(s, req, flags, payload, size, fds, nfds, &deadline);
 	if (ret < 0) {
@@ -740,6 +755,7 @@ static int vu_init(struct vdisk *v)
 	s->prop_mem_slots = true;
 	s->prop_discard = true;
 	s->prop_write_zeroes = true;
+	s->reply_timeout = VU_REPLY_TIMEOUT_S;
 	s->sock = -1;
 	s->ring_fd = -1;
 	s->monitor_stop_fd = -1;
@@ -911,7 +927,8 @@ static int step_limits(struct vdisk *v, const char *who)
 	s->discard_align = s->can_discard ? c->discard_sector_alignment : 0;
 	s->max_wz = s->can_write_zeroes && c->max_write_zeroes_sectors ? c->max_write_zeroes_sectors : UINT32_MAX;
 
-	if (c->capacity > UINT64_MAX / VIRTIO_BLK_SECTOR)
+	/* Sizes are off_t (signed 64-bit) to every user of the capacity. */
+	if (c->capacity > (uint64_t)INT64_MAX / VIRTIO_BLK_SECTOR)
 		return vd_error(EPROTO, "%s: the back-end reports an impossible capacity of %" PRIu64 " sectors", who,
 				c->capacity);
 	v->capacity = c->capacity * VIRTIO_BLK_SECTOR;
@@ -1126,11 +1143,16 @@ static void vu_unmap_mem_region(struct vdisk *v, const struct vdisk_mem_region *
 		return;
 	__atomic_store_n(&g->start, 0, __ATOMIC_RELEASE); /* new requests fail with -EFAULT */
 	if (g->sent && !is_dead(s)) {
-		/* A failure kills the connection (vhu_call marks it dead): nothing else to do. */
-		if (s->mem_slots)
-			rem_mem_reg(s, who, g->addr, g->size, g->fd_offset);
-		else
-			send_mem_table(s, who, slot);
+		int ret = s->mem_slots ? rem_mem_reg(s, who, g->addr, g->size, g->fd_offset)
+				       : send_mem_table(s, who, slot);
+
+		/*
+		 * Transport failures already killed the connection; a rejection must
+		 * too: the back-end still maps memory the caller frees or maps anew
+		 * (maybe at the same address), and would read and write the stale pages.
+		 */
+		if (ret < 0)
+			mark_dead(s, "the back-end did not drop an unmapped memory region");
 	}
 	g->fd = -1;
 	g->sent = false;
@@ -1562,8 +1584,8 @@ static int status_errno(uint8_t status)
 	}
 }
 
-/* One used entry: the sub at head finished. */
-static void sub_done(struct vdiskq *q, uint16_t head)
+/* One used entry: the sub at head finished, writing len bytes (the device's word). */
+static void sub_done(struct vdiskq *q, uint16_t head, uint32_t len)
 {
 	struct vu_queue *vq = q->priv;
 	struct vu_sub *sub = &vq->subs[head];
@@ -1571,12 +1593,25 @@ static void sub_done(struct vdiskq *q, uint16_t head)
 	struct vu_req *p = req_priv(r);
 	uint8_t status = vq->area[head].status;
 	int err = status_errno(status);
+	bool rd = sub->kind == SUB_RW && r->op == VD_OP_READ;
+	uint64_t writable = rd ? r->len + 1 : 1; /* read data, then the status byte */
 
 	desc_put(vq, head, sub->ndesc);
 	sub->r = NULL;
 	vq->subs_inflight--;
 	p->inflight--;
-	if (err) {
+	if (len > writable) {
+		fail_req(p, EIO, "vhost-user: %s at %" PRIu64 ": the back-end claims %" PRIu32 " bytes written into "
+			 "%" PRIu64 " device-writable bytes", op_name(r->op), r->offset, len, writable);
+	} else if (rd && !err && len < r->len) {
+		/*
+		 * The data beyond len is not the device's (virtio 1.1 2.6.8.2): do not
+		 * pass the buffer's old contents off as a successful read.  (The status
+		 * byte itself is left out of the check: some back-ends do not count it.)
+		 */
+		fail_req(p, EIO, "vhost-user: read at %" PRIu64 ": the back-end reports only %" PRIu32 " of %" PRIu64
+			 " bytes read", r->offset, len, r->len);
+	} else if (err) {
 		const char *what = sub->kind == SUB_FLUSH && r->op != VD_OP_FLUSH ? "flush after FUA write"
 				 : sub->kind == SUB_ZERO_WRITE ? "write of zeroes (write-zeroes fallback)"
 				 : op_name(r->op);
@@ -1610,7 +1645,7 @@ static int process_used(struct vdiskq *q)
 		if (id >= vq->num || !vq->subs[id].r)
 			return -1;
 		vq->last_used++;
-		sub_done(q, (uint16_t)id);
+		sub_done(q, (uint16_t)id, e->len);
 		n++;
 	}
 	return n;
@@ -1873,9 +1908,12 @@ static void vu_queue_fini(struct vdiskq *q)
 		return; /* queue_init failed and cleaned up */
 	/* The back-end writes into caller buffers until it completes a request: wait. */
 	if (q->n_inflight > 0 && !is_dead(s)) {
-		deadline_in(&limit, VU_FINI_TIMEOUT_MS);
+		deadline_in(&limit, s->reply_timeout * 1000);
 		while (q->n_inflight > 0 && !is_dead(s) && vu_reap(q, true, &limit) == 0)
 			;
+		/* Give up on this back-end: the other queues must not wait (and stall) again. */
+		if (q->n_inflight > 0)
+			mark_dead(s, "%u requests got no completion within reply-timeout", q->n_inflight);
 	}
 	set_wake_fds(s, vq->vring, -1, -1);
 	if (vq->ring_set && !is_dead(s)) {
@@ -2057,7 +2095,8 @@ static int harvest(struct vdiskq *q)
 	if (n < 0) {
 		struct vu_state *s = vd_priv(q->v);
 
-		mark_dead(s, "protocol error: the back-end put an invalid entry in the used ring of queue %d", vq->vring);
+		/* Short: requests carry it in a 112-byte message after "<op>: back-end disconnected (". */
+		mark_dead(s, "protocol error: bad used ring entry on queue %d", vq->vring);
 		check_dead(q);
 		return 0;
 	}
@@ -2093,7 +2132,8 @@ static int vu_reap(struct vdiskq *q, bool wait, const struct timespec *deadline)
 			return 0;
 		if (q->n_done > start || !wait || q->n_inflight == 0) {
 			/* Event-driven callers: a completion after this point must signal. */
-			while (vq->notify_on && !vq_notify_enable(vq))
+			/* harvest() may find a bad entry and kill the queue: it stays unconsumed, stop. */
+			while (vq->notify_on && !vq->dead && !vq_notify_enable(vq))
 				harvest(q);
 			return 0;
 		}
