@@ -123,6 +123,11 @@ static int check_l2(struct qcow2_state *s, struct vd_check_result *res, struct r
 			continue;
 		}
 		uint64_t host = e & L2E_OFFSET_MASK;
+		/* As QEMU: reported, not repaired (which bit was meant is unknown). */
+		if (e & L2E_STD_RESERVED_MASK) {
+			fprintf(stderr, "ERROR found l2 entry with reserved bits set: %" PRIx64 "\n", e);
+			res->corruptions++;
+		}
 		if (host) {
 			if (s->extl2 && ((bm >> 32) & bm & L2_BITMAP_ALL_ALLOC)) {
 				fprintf(stderr, "ERROR: invalid cluster entry %#" PRIx64 " (bitmap %#" PRIx64 ")\n", e, bm);
@@ -178,6 +183,10 @@ static int check_l1(struct qcow2_state *s, struct vd_check_result *res, struct r
 		return ret;
 	for (uint32_t i = 0; i < l1_size; i++) {
 		uint64_t l2off = l1[i] & L1E_OFFSET_MASK;
+		if (l1[i] & L1E_RESERVED_MASK) {
+			fprintf(stderr, "ERROR found L1 entry with reserved bits set: %" PRIx64 "\n", l1[i]);
+			res->corruptions++;
+		}
 		if (!l2off)
 			continue;
 		ret = inc_refs(s, res, t, l2off, s->cluster_size);

@@ -282,9 +282,14 @@ int qcow2_write_snapshots(struct qcow2_state *s, struct qcow2_snapshot *sn, uint
 	s->nb_snapshots = nb;
 	s->snapshots_offset = new_off;
 	s->snapshots_size = size;
+	/*
+	 * The header points at the new table: the caller must adopt it, so this
+	 * cannot fail any more.  Not freeing the old table (its refcount is
+	 * damaged) only leaks its clusters, as in QEMU.
+	 */
 	if (old_size)
-		ret = qcow2_free_clusters(s, old_off, old_size);
-	return ret;
+		(void)qcow2_free_clusters(s, old_off, old_size);
+	return 0;
 }
 
 /* Read a snapshot's L1 table (host order). */
@@ -613,7 +618,7 @@ int qcow2_snapshot_list(struct vd_bnode *bs, struct vd_snapshot_info **list, int
 int qcow2_snapshot_goto(struct vd_bnode *bs, const char *name_or_id)
 {
 	struct qcow2_state *s = bs->opaque;
-	uint64_t *sn_l1 = NULL, *old_l1 = NULL;
+	uint64_t *sn_l1 = NULL, *old_l1 = NULL, need_l1;
 	uint32_t old_size;
 	struct qcow2_snapshot *sn;
 	int idx, ret;
@@ -630,6 +635,21 @@ int qcow2_snapshot_goto(struct vd_bnode *bs, const char *name_or_id)
 	if (sn->vm_state_size) {
 		/* The VM state lives past the disk size in the snapshot's clusters; we only restore the disk. */
 	}
+	/*
+	 * The image takes the snapshot's disk size, so the L1 table must cover
+	 * that as well as the snapshot's table, or the image would not open again.
+	 */
+	need_l1 = sn->l1_size;
+	if (sn->disk_size) {
+		uint64_t n = qcow2_size_to_l1(s->cluster_bits, s->l2_bits, sn->disk_size);
+		if (n > s->max_l1_entries) {
+			ret = vd_error(EFBIG, "qcow2: snapshot '%s': disk size %" PRIu64 " is too large", sn->name,
+				       sn->disk_size);
+			goto out;
+		}
+		if (n > need_l1)
+			need_l1 = n;
+	}
 	ret = qcow2_flush_metadata(s);
 	if (ret == 0)
 		ret = read_l1(s, sn->l1_table_offset, sn->l1_size, &sn_l1);
@@ -641,11 +661,9 @@ int qcow2_snapshot_goto(struct vd_bnode *bs, const char *name_or_id)
 	ret = qcow2_update_l1_refcounts(s, sn_l1, sn->l1_size, 1, false);
 	if (ret < 0)
 		goto out;
-	if (sn->l1_size > s->l1_size) {
-		ret = qcow2_grow_l1(s, sn->l1_size);
-		if (ret < 0)
-			goto out;
-	}
+	ret = qcow2_grow_l1(s, need_l1);
+	if (ret < 0)
+		goto out;
 	old_size = s->l1_size;
 	old_l1 = malloc((size_t)(old_size ? old_size : 1) * 8);
 	if (!old_l1) {
