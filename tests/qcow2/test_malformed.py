@@ -410,3 +410,32 @@ def test_snapshot_goto_larger_disk_size_grows_l1(tmp):
     assert_clean(img)
     vio(img, "write -P 0x62 30M 64k")
     qio(img, "read -P 0x61 0 1M", "read -P 0x62 30M 64k", "read -P 0 31M 1M", extra=["-r"])
+
+
+def test_empty_backing_name_is_no_backing_file(tmp):
+    """backing_file_offset set but backing_file_size 0 (even pointing into the header): no backing file, as QEMU."""
+    img = fresh(tmp)
+    put(img, 8, ">QI", 0x10, 0)
+    assert "backing-filename" not in qemu_info(img)
+    p = vio(img, "read -P 0x61 0 1M", "write -P 0x63 2M 64k", opts=["-f", "qcow2"])
+    assert p.returncode == 0, p.stderr
+    qio(img, "read -P 0x63 2M 64k")
+    assert_clean(img)
+
+
+def test_data_file_extension_without_the_feature_bit_is_ignored(tmp):
+    """A data-file name extension without the incompatible bit: the data is in the image (QEMU ignores it too)."""
+    img = fresh(tmp)
+    name = b"elsewhere.raw"
+    ext = struct.pack(">II", 0x44415441, len(name)) + name + b"\0" * (-len(name) % 8)
+    (hlen,) = get(img, 100, ">I")
+    with open(img, "r+b") as f:  # in front of the extensions qemu-img wrote, which still follow
+        f.seek(hlen)
+        rest = f.read(4096 - hlen - len(ext))
+        f.seek(hlen)
+        f.write(ext + rest)
+    qio(img, "read -P 0x61 0 1M")
+    p = vio(img, "read -P 0x61 0 1M", "write -P 0x64 3M 4k", opts=["-f", "qcow2"])
+    assert p.returncode == 0, p.stderr
+    qio(img, "read -P 0x64 3M 4k")
+    assert_clean(img)

@@ -207,7 +207,8 @@ int qcow2_validate_header(const struct qcow2_header *h, uint64_t file_size)
 	extl2 = h->version >= 3 && (h->incompatible_features & QCOW2_INCOMPAT_EXTL2);
 	if (extl2 && h->cluster_bits < QCOW2_EXTL2_MIN_CLUSTER_BITS)
 		return vd_error(EINVAL, "qcow2: extended L2 entries need cluster_bits >= 14 (have %u)", h->cluster_bits);
-	if (h->backing_file_offset) {
+	/* An empty name is no backing file, wherever it points (as in QEMU). */
+	if (h->backing_file_offset && h->backing_file_size) {
 		if (h->backing_file_size > QCOW2_MAX_BACKING_NAME)
 			return vd_error(EINVAL, "qcow2: backing_file_size %u is too long (max 1023)", h->backing_file_size);
 		if (h->backing_file_offset > cs || h->backing_file_size > cs - h->backing_file_offset)
@@ -917,7 +918,8 @@ static int do_open(void *p)
 		ret = vd_error(ENOTSUP, "qcow2: unsupported incompatible features: %s", feat);
 		goto out;
 	}
-	if ((s->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) || s->ext.has_data_file) {
+	/* A data-file name without the incompatible bit means nothing (QEMU ignores it too). */
+	if (s->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
 		ret = vd_error(ENOTSUP, "qcow2: images with an external data file are not supported");
 		goto out;
 	}
@@ -952,7 +954,7 @@ static int do_open(void *p)
 	/* Backing file name. */
 	bs->backing_file[0] = '\0';
 	bs->backing_format[0] = '\0';
-	if (s->hdr.backing_file_offset) {
+	if (s->hdr.backing_file_offset && s->hdr.backing_file_size) {
 		uint32_t n = s->hdr.backing_file_size;
 		if (s->hdr.backing_file_offset + n > hlen) {
 			ret = vd_error(EINVAL, "qcow2: backing file name is past the end of the file");
