@@ -118,3 +118,22 @@ def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as st:
         fields = st.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def hostile_peers(tmp_path, cls):
+    """
+    The body of a `hostile` fixture: yields start(scenario) -> cls(socket path,
+    scenario), a fake peer on a Unix socket in tmp_path; after the test every
+    peer is stopped, and one whose scenario itself went wrong fails the test.
+    """
+    started = []
+
+    def start(sc):
+        peer = cls(tmp_path / f"hostile{len(started)}.sock", sc)
+        started.append(peer)
+        return peer
+    yield start
+    for peer in started:
+        peer.stop()
+    for peer in started:
+        assert not peer.errors, f"the scenario itself failed: {peer.errors!r}\n{getattr(peer, 'log', [])[-10:]}"

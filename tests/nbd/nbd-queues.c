@@ -336,20 +336,26 @@ static void mode_evloop(int count)
 
 /* ---- timeout ---- */
 
+/* Read BS bytes at 0 into buf on queue 0 and wait for it at most *to: do_io's result. */
+static int read_within(unsigned char *buf, struct vdisk_completion *c, struct timespec *to)
+{
+	struct vdiskq *q = vdisk_get_queue(v, 0);
+
+	if (!q || !buf)
+		die(1, "setup failed");
+	vdiskq_read(q, 0, buf, BS, (void *)1, 0);
+	return vdiskq_do_io(q, c, 1, 1, to);
+}
+
 static void mode_timeout(void)
 {
 	struct vdiskq *q = vdisk_get_queue(v, 0);
 	struct vdisk_completion c[1];
 	struct timespec to = { .tv_sec = 0, .tv_nsec = 200 * 1000000L };
 	unsigned char *buf = malloc(BS);
-	int64_t t0;
-	int ret;
+	int64_t t0 = now_ms();
+	int ret = read_within(buf, c, &to);
 
-	if (!q || !buf)
-		die(1, "setup failed");
-	vdiskq_read(q, 0, buf, BS, (void *)1, 0);
-	t0 = now_ms();
-	ret = vdiskq_do_io(q, c, 1, 1, &to);
 	if (ret != -ETIME)
 		die(1, "timeout: do_io returned %d, expected -ETIME (%s)", ret, vdisk_get_error_msg());
 	if (now_ms() - t0 < 150)
@@ -504,17 +510,12 @@ static void mode_connect(void)
 
 static void mode_stall(void)
 {
-	struct vdiskq *q = vdisk_get_queue(v, 0);
 	struct vdisk_completion c[1];
 	struct timespec to = { .tv_sec = 0, .tv_nsec = 300 * 1000000L };
 	unsigned char *buf = malloc(BS);
 	int64_t t0;
-	int ret;
+	int ret = read_within(buf, c, &to);
 
-	if (!q || !buf)
-		die(1, "setup failed");
-	vdiskq_read(q, 0, buf, BS, (void *)1, 0);
-	ret = vdiskq_do_io(q, c, 1, 1, &to);
 	if (ret != -ETIME)
 		die(1, "stall: do_io returned %d, expected -ETIME (%s)", ret, ret == 1 ? c[0].error_msg : "");
 	t0 = now_ms();

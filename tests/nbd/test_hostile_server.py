@@ -21,6 +21,7 @@ import subprocess
 import pytest
 
 from conftest import check_sanitizers, run
+from vdtest import hostile_peers
 from hostile_nbd import (CMD_READ, DEFAULT_EFLAGS, EXT_REPLY_MAGIC, EIO, ENOSPC, EPERM, FILL, IHAVEOPT, INFO_BLOCK_SIZE,
                          INFO_EXPORT, INFO_NAME, NBDMAGIC, OPT_GO, OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_POLICY,
                          REP_ERR_UNKNOWN, REP_INFO, REP_META_CONTEXT, REP_SERVER, REPLY_FLAG_DONE, SIMPLE_MAGIC, SIZE,
@@ -36,17 +37,7 @@ READ2 = f"read -P {FILL:#x} 4k 4k"
 @pytest.fixture
 def hostile(tmp_path):
     """hostile(scenario) -> HostileServer on a Unix socket in tmp_path."""
-    started = []
-
-    def start(sc):
-        s = HostileServer(tmp_path / f"hostile{len(started)}.sock", sc)
-        started.append(s)
-        return s
-    yield start
-    for s in started:
-        s.stop()
-    for s in started:
-        assert not s.errors, f"the scenario itself failed: {s.errors!r}"
+    yield from hostile_peers(tmp_path, HostileServer)
 
 
 def strerror(name):

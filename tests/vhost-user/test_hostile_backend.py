@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DRIVER, compile_client, info, run
+from vdtest import hostile_peers
 from hostile_vhu import (ADD_MEM_REG, DEFAULT_FEATURES, DEFAULT_PROTOCOL, F_BLK_SIZE, F_EVENT_IDX, F_SIZE_MAX,
                          F_TOPOLOGY, FILL, FLAG_VERSION, GET_CONFIG, GET_FEATURES, GET_INFLIGHT_FD,
                          GET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_VRING_BASE, PF_MEM_SLOTS, REM_MEM_REG, REPLY_FLAGS,
@@ -42,17 +43,7 @@ EIO = os.strerror(5)
 @pytest.fixture
 def hostile(tmp_path):
     """hostile(scenario) -> HostileBackend on a Unix socket in tmp_path."""
-    started = []
-
-    def start(sc):
-        b = HostileBackend(tmp_path / f"hostile{len(started)}.sock", sc)
-        started.append(b)
-        return b
-    yield start
-    for b in started:
-        b.stop()
-    for b in started:
-        assert not b.errors, f"the scenario itself failed: {b.errors!r}\n{b.log[-10:]}"
+    yield from hostile_peers(tmp_path, HostileBackend)
 
 
 def io_run(vdisk_io, b, *cmds, extra=(), timeout=TIMEOUT):
