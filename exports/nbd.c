@@ -657,6 +657,10 @@ static void conn_break(struct nbd_conn *c)
 	c->closing = true;
 	shutdown(c->fd, SHUT_RDWR);
 	vdd_cofd_wake(&c->cofd);
+	/* A receive coroutine held back for room must see `closing` now, not at some later release. */
+	vd_co_queue_wake_all(&c->slot_wait);
+	if (c->lane)
+		vd_co_queue_wake_all(&c->lane->budget_wait);
 }
 
 static void close_pipe(struct nbd_conn *c)
@@ -1946,7 +1950,8 @@ static void req_release(struct nbd_req *r)
 	c->free_reqs = r;
 	if (!vd_co_queue_empty(&c->slot_wait))
 		vd_co_queue_wake_one(&c->slot_wait);
-	if (r->payload && !vd_co_queue_empty(&c->lane->budget_wait))
+	/* Any release: bytes freed let others in, and one left in flight lets this connection's next go. */
+	if (!vd_co_queue_empty(&c->lane->budget_wait))
 		vd_co_queue_wake_all(&c->lane->budget_wait);
 	if (c->inflight == 0 && !vd_co_queue_empty(&c->drained))
 		vd_co_queue_wake_all(&c->drained);

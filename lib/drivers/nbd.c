@@ -946,7 +946,7 @@ static void issue_rw(struct nbd_req *p, void *buf)
 		c = nbd_aio_pwrite(h, buf, (size_t)r->len, r->offset, completion(p), p->nbd_flags);
 	if (c < 0) {
 		p->inflight--;
-		issue_failed(p, r->op == VD_OP_READ ? "nbd_aio_pread" : "nbd_aio_pwrite");
+		issue_failed(p, r->op == VD_OP_READ ? "nbd_aio_pread_structured" : "nbd_aio_pwrite");
 	}
 }
 

@@ -18,6 +18,11 @@
  *   discard, write-zeroes  bool, default true: negotiate VIRTIO_BLK_F_DISCARD /
  *                  VIRTIO_BLK_F_WRITE_ZEROES when offered (as QEMU's
  *                  virtio-blk device properties of the same names)
+ *   strict-used-len  bool, default false: fail a request whose used-ring
+ *                  length is past its device-writable bytes, or a read whose
+ *                  length does not cover its data.  Off by default, as in
+ *                  Linux's virtio-blk: real back-ends get len wrong
+ *                  (qemu-storage-daemon 6.0-7.1 reports leftover memory)
  *   reply-timeout  int, seconds, default 30 (1..3600): how long any control
  *                  reply may take (a slower one kills the connection), and
  *                  how long destroy waits for requests in flight
@@ -99,9 +104,9 @@
  *   - discard ranges not aligned to request-alignment shrink to the aligned
  *     part (discard is advisory); misaligned write-zeroes fail with -EINVAL.
  * Status VIRTIO_BLK_S_IOERR -> -EIO, VIRTIO_BLK_S_UNSUPP -> -ENOTSUP; a
- * status byte the back-end did not write (or an unknown value), a used
- * length beyond the request's device-writable bytes, or a read whose used
- * length does not cover its data -> -EIO.
+ * status byte the back-end did not write (or an unknown value) -> -EIO, and
+ * with strict-used-len a used length beyond the request's device-writable
+ * bytes or a read whose used length does not cover its data -> -EIO.
  *
  * Disconnect: a monitor thread sleeps in poll() on the socket (POLLRDHUP
  * only: it never consumes replies) and on a stop eventfd.  When the
@@ -199,6 +204,7 @@ struct vu_state {
 	bool prop_indirect;
 	bool prop_mem_slots;
 	bool prop_discard, prop_write_zeroes;
+	bool strict_used_len;
 	int reply_timeout; /* seconds */
 	bool can_flush, can_discard, can_write_zeroes;
 
@@ -316,6 +322,8 @@ static const struct vd_prop vu_props[] = {
 	  .in_driver = true, .offset = offsetof(struct vu_state, prop_discard) },
 	{ .name = "write-zeroes", .type = VD_PROP_BOOL, .read_states = VD_ANY_STATE, .write_states = VD_CREATED,
 	  .in_driver = true, .offset = offsetof(struct vu_state, prop_write_zeroes) },
+	{ .name = "strict-used-len", .type = VD_PROP_BOOL, .read_states = VD_ANY_STATE, .write_states = VD_CREATED,
+	  .in_driver = true, .offset = offsetof(struct vu_state, strict_used_len) },
 	{ .name = "reply-timeout", .type = VD_PROP_INT, .read_states = VD_ANY_STATE, .write_states = VD_CREATED,
 	  .in_driver = true, .offset = offsetof(struct vu_state, reply_timeout), .min = 1, .max = 3600 },
 	{ .name = "can-flush", .type = VD_PROP_BOOL, .read_states = VD_CONNECTED | VD_STARTED,
@@ -1595,15 +1603,16 @@ static void sub_done(struct vdiskq *q, uint16_t head, uint32_t len)
 	int err = status_errno(status);
 	bool rd = sub->kind == SUB_RW && r->op == VD_OP_READ;
 	uint64_t writable = rd ? r->len + 1 : 1; /* read data, then the status byte */
+	bool strict = ((struct vu_state *)vd_priv(q->v))->strict_used_len;
 
 	desc_put(vq, head, sub->ndesc);
 	sub->r = NULL;
 	vq->subs_inflight--;
 	p->inflight--;
-	if (len > writable) {
+	if (strict && len > writable) {
 		fail_req(p, EIO, "vhost-user: %s at %" PRIu64 ": the back-end claims %" PRIu32 " bytes written into "
 			 "%" PRIu64 " device-writable bytes", op_name(r->op), r->offset, len, writable);
-	} else if (rd && !err && len < r->len) {
+	} else if (strict && rd && !err && len < r->len) {
 		/*
 		 * The data beyond len is not the device's (virtio 1.1 2.6.8.2): do not
 		 * pass the buffer's old contents off as a successful read.  (The status

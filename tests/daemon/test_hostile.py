@@ -377,3 +377,35 @@ def test_clients_that_never_read_share_one_budget(daemon_factory):
     for s in socks:
         s.close()
     healthy()
+
+
+def test_held_request_goes_ahead_when_a_request_without_payload_ends(daemon_factory):
+    """
+    The lane's budget is pinned by clients that never read; a client's second
+    request waits for room.  When its first request, one without payload (a
+    flush), completes, the held one is its only request and must go ahead
+    (the old daemon woke held readers only on releases of payload bytes).
+    """
+    d = daemon_factory(["--blockdev", "driver=null-co,node-name=r0,size=1G,read-zeroes=on,latency-ns=200000000",
+                        "--export", "type=nbd,id=e0,node-name=r0,writable=on"])
+    length, socks = 4 * MiB, []
+    for c in range(6):  # 6 clients * 64 MiB: the lane's 256 MiB is pinned
+        s, _ = go(d)
+        s.sendall(b"".join(struct.pack(">IHHQQI", REQ_MAGIC, 0, CMD_READ, i, i * length, length)
+                           for i in range(16)))
+        socks.append(s)
+    time.sleep(1)  # their reads complete and stay pinned behind unread replies
+    s, _ = go(d)
+    request(s, 3, 0, 0, cookie=1)  # NBD_CMD_FLUSH: no payload
+    request(s, CMD_READ, 0, 64 * 1024, cookie=2)
+    s.settimeout(10)
+    got = set()
+    for _ in range(2):
+        err, cookie = simple_reply(s)
+        assert err == 0
+        if cookie == 2:
+            assert recv_exact(s, 64 * 1024) == bytes(64 * 1024)
+        got.add(cookie)
+    assert got == {1, 2}
+    for c in socks + [s]:
+        c.close()

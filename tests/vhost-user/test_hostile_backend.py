@@ -429,12 +429,6 @@ IO_FAILS = [
     ("idx-jump-0x8000", idx_jump(0x8000), [READ], [DEAD_RING]),
     ("idx-jump-stale-entries", idx_jump(5), [READ, READ2], [DEAD_RING]),
     ("idx-backwards", backwards, [READ, READ2], [DEAD_RING]),
-    ("len-past-buffer", length(lambda r: r.in_len + 1), [READ],
-     ["claims 4098 bytes written into 4097 device-writable bytes", EIO]),
-    ("len-huge", length(lambda r: 0xffffffff), [READ], ["claims 4294967295 bytes written into 4097"]),
-    ("len-past-status-of-write", length(lambda r: 2), ["write -P 1 0 4k"], ["claims 2 bytes written into 1 device"]),
-    ("len-short-read", length(lambda r: 100), [READ], ["reports only 100 of 4096 bytes read", EIO]),
-    ("no-data-len-1", no_data_ok_len_1, [READ], ["reports only 1 of 4096 bytes read"]),
     ("no-data-no-status", nothing_at_all, [READ], ["the back-end set no valid status (0xff)", EIO]),
     ("status-never-written", status(None), [READ], ["the back-end set no valid status (0xff)"]),
     ("status-invalid", status(7), [READ], ["the back-end set no valid status (0x07)"]),
@@ -459,6 +453,39 @@ def test_broken_completion_fails_request(hostile, vdisk_io, hook, cmds, texts, i
         assert t in p.stderr, p.stderr
     assert "Pattern verification failed" not in p.stderr
     assert time.monotonic() - t0 < 10
+
+
+# With strict-used-len=true the used length is checked too (off by default, see below).
+LEN_FAILS = [
+    ("len-past-buffer", length(lambda r: r.in_len + 1), [READ],
+     ["claims 4098 bytes written into 4097 device-writable bytes", EIO]),
+    ("len-huge", length(lambda r: 0xffffffff), [READ], ["claims 4294967295 bytes written into 4097"]),
+    ("len-past-status-of-write", length(lambda r: 2), ["write -P 1 0 4k"], ["claims 2 bytes written into 1 device"]),
+    ("len-short-read", length(lambda r: 100), [READ], ["reports only 100 of 4096 bytes read", EIO]),
+    ("no-data-len-1", no_data_ok_len_1, [READ], ["reports only 1 of 4096 bytes read"]),
+]
+
+
+@pytest.mark.parametrize("hook,cmds,texts", [pytest.param(*x[1:], id=x[0]) for x in LEN_FAILS])
+def test_strict_used_len_fails_request(hostile, vdisk_io, hook, cmds, texts):
+    b = hostile(Scenario(complete=hook))
+    p = io_run(vdisk_io, b, *cmds, extra=["--set", "strict-used-len=true"])
+    assert p.returncode == 1, p.stdout + p.stderr
+    for t in texts:
+        assert t in p.stderr, p.stderr
+    assert "Pattern verification failed" not in p.stderr
+
+
+@pytest.mark.parametrize("used_len", [0, 1, 100, 0xffffffff], ids=["0", "1", "100", "huge"])
+def test_used_len_ignored_by_default(hostile, vdisk_io, used_len):
+    """
+    Data and status served, the used length wrong (qemu-storage-daemon 6.0-7.1
+    reports leftover memory there): by default the length is ignored, as
+    Linux's virtio-blk does, and the I/O succeeds with the right data.
+    """
+    b = hostile(Scenario(complete=length(lambda r: used_len)))
+    p = io_run(vdisk_io, b, READ, "write -P 1 0 4k", "flush")
+    assert p.returncode == 0, p.stdout + p.stderr
 
 
 def test_spurious_call_signals(hostile, vdisk_io):

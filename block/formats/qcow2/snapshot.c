@@ -655,13 +655,9 @@ int qcow2_snapshot_goto(struct vd_bnode *bs, const char *name_or_id)
 		ret = read_l1(s, sn->l1_table_offset, sn->l1_size, &sn_l1);
 	if (ret == 0)
 		ret = check_increment(s, sn_l1, sn->l1_size);
-	if (ret < 0)
-		goto out;
-	/* The snapshot's clusters gain a reference for the active table. */
-	ret = qcow2_update_l1_refcounts(s, sn_l1, sn->l1_size, 1, false);
-	if (ret < 0)
-		goto out;
-	ret = qcow2_grow_l1(s, need_l1);
+	/* Whatever can fail without undoing anything comes before the increments. */
+	if (ret == 0)
+		ret = qcow2_grow_l1(s, need_l1);
 	if (ret < 0)
 		goto out;
 	old_size = s->l1_size;
@@ -671,6 +667,10 @@ int qcow2_snapshot_goto(struct vd_bnode *bs, const char *name_or_id)
 		goto out;
 	}
 	memcpy(old_l1, s->l1_table, (size_t)old_size * 8);
+	/* The snapshot's clusters gain a reference for the active table. */
+	ret = qcow2_update_l1_refcounts(s, sn_l1, sn->l1_size, 1, false);
+	if (ret < 0)
+		goto out;
 	/* Increments on disk before the active table references the snapshot's tables. */
 	ret = qcow2_flush_metadata(s);
 	if (ret == 0)
