@@ -656,11 +656,11 @@ static void conn_break(struct nbd_conn *c)
 	c->broken = true;
 	c->closing = true;
 	shutdown(c->fd, SHUT_RDWR);
-	vdd_cofd_wake(&c->cofd);
 	/* A receive coroutine held back for room must see `closing` now, not at some later release. */
 	vd_co_queue_wake_all(&c->slot_wait);
 	if (c->lane)
 		vd_co_queue_wake_all(&c->lane->budget_wait);
+	vdd_cofd_wake(&c->cofd); /* last: it may run the connection's coroutine, which may free c */
 }
 
 static void close_pipe(struct nbd_conn *c)
