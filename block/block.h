@@ -359,6 +359,12 @@ int vd_image_create(const char *fmt, const struct vd_create_opts *o);
 
 /* Parse "a=1,b.c=x" (',,' escapes a comma) into nested JSON objects; NULL + vd_error on failure. */
 json_t *vd_opts_parse(const char *str);
+/*
+ * Whether JSON text nests [ and { deeper than max (strings are skipped; nothing
+ * else is checked).  jansson recurses per level, and coroutine stacks are
+ * small: check text from untrusted sources before json_loads().
+ */
+bool vd_json_too_deep(const char *text, size_t len, unsigned max);
 /* Parse spec as above: "json:{...}", "{...}", dotted, or a plain filename (-> {"filename": spec}). */
 json_t *vd_opts_parse_spec(const char *spec);
 /* Typed option getters on a JSON object (strings "on"/"off"/numbers accepted). */

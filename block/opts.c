@@ -213,11 +213,45 @@ static json_t *unflatten(json_t *in, const char *what)
 	return out;
 }
 
+/* Deepest [ and { in a JSON spec: jansson recurses per level, and coroutine stacks are small. */
+#define MAX_JSON_NESTING 64
+
+bool vd_json_too_deep(const char *text, size_t len, unsigned max)
+{
+	bool in_str = false;
+	unsigned depth = 0;
+
+	for (size_t i = 0; i < len; i++) {
+		char ch = text[i];
+
+		if (in_str) {
+			if (ch == '\\')
+				i++;
+			else if (ch == '"')
+				in_str = false;
+		} else if (ch == '"') {
+			in_str = true;
+		} else if (ch == '[' || ch == '{') {
+			if (++depth > max)
+				return true;
+		} else if ((ch == ']' || ch == '}') && depth) {
+			depth--;
+		}
+	}
+	return false;
+}
+
 static json_t *parse_json_spec(const char *text, const char *spec)
 {
 	json_error_t jerr;
-	json_t *j = json_loads(text, JSON_REJECT_DUPLICATES, &jerr), *out;
+	json_t *j, *out;
 
+	/* Specs come from images too (backing files) and may be opened on a coroutine's small stack. */
+	if (vd_json_too_deep(text, strlen(text), MAX_JSON_NESTING)) {
+		vd_error(EINVAL, "invalid JSON options '%.64s...': nested too deep", spec);
+		return NULL;
+	}
+	j = json_loads(text, JSON_REJECT_DUPLICATES, &jerr);
 	if (!j) {
 		vd_error(EINVAL, "invalid JSON options '%s': %s (at column %d)", spec, jerr.text, jerr.column);
 		return NULL;

@@ -30,6 +30,7 @@
 
 #define MAX_LINE (4u << 20)    /* longest command line */
 #define MAX_OUTPUT (16u << 20) /* unsent replies and events before a client is dropped */
+#define MAX_NESTING 64         /* deepest [ and { in a command */
 
 struct ctl_listener {
 	struct ctl_listener *next;
@@ -491,12 +492,21 @@ static json_t *error_reply(const char *cls, const char *desc, json_t *id)
 static void execute(struct ctl_client *c, const char *line, size_t len)
 {
 	json_error_t jerr;
-	json_t *req = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr), *id, *args, *exec, *ret;
+	json_t *req, *id, *args, *exec, *ret;
 	const char *key;
 	json_t *v;
 	char *err = NULL;
 	const char *name;
 
+	/*
+	 * Commands run on a coroutine's small stack, where jansson's recursive
+	 * parse, dump and free overflow long before its own depth limit (2048).
+	 */
+	if (vd_json_too_deep(line, len, MAX_NESTING)) {
+		send_json(c, error_reply("GenericError", "JSON parse error: nesting too deep", NULL));
+		return;
+	}
+	req = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
 	if (!req) {
 		char desc[300];
 
