@@ -2511,6 +2511,8 @@ static int listen_unix(const char *path, char **errp)
 	struct stat st;
 	int fd;
 
+	if (!*path)
+		return vdd_error(errp, "the socket path is empty"); /* bind() would pick an abstract name */
 	if (strlen(path) >= sizeof(sa.sun_path))
 		return vdd_error(errp, "socket path '%s' is too long", path);
 	memcpy(sa.sun_path, path, strlen(path) + 1); /* length checked above */

@@ -2333,6 +2333,8 @@ static int vub_create(struct vd_export *exp, json_t *opts, char **errp)
 	{
 		struct sockaddr_un sa;
 
+		if (!*path)
+			return vdd_error(errp, "vhost-user-blk export: the socket path is empty");
 		if (strlen(path) >= sizeof(sa.sun_path))
 			return vdd_error(errp, "vhost-user-blk export: socket path '%s' is too long", path);
 	}

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import requires
+from conftest import VDISKD, requires, run
 
 
 @pytest.fixture
@@ -65,3 +65,15 @@ def test_deep_json_backing_file_is_refused(ctl_daemon, tmp_path):
     assert "error" in r, r
     assert "vdiskd" in c.cmd("query-version")
     assert ctl_daemon.proc.poll() is None
+
+
+@pytest.mark.parametrize("args,text", [
+    (["--nbd-server", "addr.type=unix,addr.path="], "nbd-server: the socket path is empty"),
+    (["--blockdev", "driver=null-co,node-name=n0",
+      "--export", "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path="],
+     "vhost-user-blk export: the socket path is empty"),
+], ids=["nbd", "vhost-user-blk"])
+def test_empty_socket_path_is_refused(args, text):
+    # bind() with an empty path would autobind an abstract name nobody can find.
+    p = run([VDISKD] + args, check=False)
+    assert p.returncode == 1 and text.encode() in p.stderr, (p.returncode, p.stderr)
