@@ -182,6 +182,13 @@ int vdd_iothread_add(json_t *opts, char **errp)
 	if (vdd_args_check(opts, known, "iothread", errp) < 0 ||
 	    vdd_arg_str(opts, "id", true, NULL, &id, errp) < 0)
 		return -1;
+	/* QEMU's tuning knobs are taken (polling here is each export's poll-us), but garbage is not. */
+	for (int i = 2; known[i]; i++) {
+		uint64_t ignored;
+
+		if (vdd_arg_u64(opts, known[i], 0, &ignored, errp) < 0)
+			return -1;
+	}
 	if (!valid_id(id))
 		return vdd_error(errp, "iothread: invalid id '%s' (a letter, then letters, digits, '-', '_', '.')", id);
 	if (!strcmp(id, "main") || vdd_iothread_find(id))

@@ -77,3 +77,11 @@ def test_empty_socket_path_is_refused(args, text):
     # bind() with an empty path would autobind an abstract name nobody can find.
     p = run([VDISKD] + args, check=False)
     assert p.returncode == 1 and text.encode() in p.stderr, (p.returncode, p.stderr)
+
+
+def test_iothread_tuning_knobs_are_checked():
+    """QEMU's iothread poll/batch knobs are accepted (no effect here), but not negative or non-numeric values."""
+    p = run([VDISKD, "--object", "iothread,id=io0,poll-max-ns=-1"], check=False)
+    assert p.returncode == 1 and b"poll-max-ns" in p.stderr, p.stderr
+    p = run([VDISKD, "--object", "iothread,id=io0,aio-max-batch=lots"], check=False)
+    assert p.returncode == 1 and b"aio-max-batch" in p.stderr, p.stderr
