@@ -78,6 +78,7 @@ bool vd_qiov_is_zero(const struct vd_qiov *q, size_t off, size_t len);
  * (libvdisk's own, shared by the block layer, formats and tools).
  * vd_error() sets it from a printf format and returns -err.
  */
+#define VD_ERROR_MSG_MAX 512 /* the message's size, NUL included (lib/error.c) */
 int vd_error(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void vd_error_clear(void);
 

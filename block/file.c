@@ -661,11 +661,17 @@ static bool grow_in_place(struct vd_bnode *bs, struct file_state *st, uint64_t s
 			  int *ret)
 {
 	struct file_slot *home = &st->slots[0];
+	char why[VD_ERROR_MSG_MAX];
 	uint64_t capacity;
+	bool refreshed;
 
 	*ret = resize_file(bs, st, size, prealloc);
+	snprintf(why, sizeof(why), "%s", vdisk_get_error_msg());
 	/* Refresh even after a failed resize: the file may have grown anyway. */
-	if (vdisk_refresh_capacity(home->v) < 0 || vdisk_get_uint64(home->v, "capacity", &capacity) < 0)
+	refreshed = vdisk_refresh_capacity(home->v) == 0 && vdisk_get_uint64(home->v, "capacity", &capacity) == 0;
+	if (*ret < 0)
+		vd_error(-*ret, "%s", why); /* the libvdisk calls above cleared the resize's message */
+	if (!refreshed)
 		return false;
 	/*
 	 * The new generation before the new node size (release fence), so that
@@ -682,6 +688,7 @@ static int file_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const c
 {
 	struct file_state *st = bs->opaque;
 	struct file_slot *home = &st->slots[0];
+	char why[VD_ERROR_MSG_MAX];
 	bool resized = false;
 	int ret = 0;
 
@@ -696,10 +703,13 @@ static int file_truncate(struct vd_bnode *bs, uint64_t size, bool exact, const c
 	drain_begin(st);
 	if (!resized)
 		ret = resize_file(bs, st, size, prealloc);
+	snprintf(why, sizeof(why), "%s", vdisk_get_error_msg());
 	/* Restart even after a failed resize: the file may have changed size anyway. */
 	stop_instance(home);
 	if (start_instance(bs, st, home, true) < 0 && ret == 0)
 		ret = vd_error_prefix(EIO, "file '%s': restarting I/O after resize: ", bs->filename);
+	else if (ret < 0)
+		vd_error(-ret, "%s", why); /* the restart's libvdisk calls cleared the resize's message */
 	/* The other threads' instances still have the old capacity: they restart on their next request. */
 	__atomic_add_fetch(&st->gen, 1, __ATOMIC_RELEASE);
 	home->gen = st->gen;

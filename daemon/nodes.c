@@ -485,12 +485,8 @@ static void resize_fn(void *arg)
 	struct vd_bnode *bs = c->n->bs;
 
 	c->ret = vd_bnode_co_truncate(bs, c->size, true, "off"); /* refuses read-only and corrupt nodes */
-	if (c->ret < 0) {
-		const char *msg = vdisk_get_error_msg();
-
-		/* Not every layer sets a message (a file too large, say): fall back on errno's. */
-		snprintf(c->msg, sizeof(c->msg), "%s", msg && *msg ? msg : strerror(-c->ret));
-	}
+	if (c->ret < 0)
+		snprintf(c->msg, sizeof(c->msg), "%s", vdisk_get_error_msg());
 	c->size = bs->size; /* a format may round up */
 }
 

@@ -5,7 +5,7 @@
 
 #include "vd-internal.h"
 
-static _Thread_local char error_msg[512];
+static _Thread_local char error_msg[VD_ERROR_MSG_MAX];
 
 int vd_error(int err, const char *fmt, ...)
 {

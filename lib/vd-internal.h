@@ -193,6 +193,7 @@ struct vdisk {
 
 /* ---- errors (lib/error.c) ---- */
 /* Set the thread's message (printf-style) and return -err (err > 0). */
+#define VD_ERROR_MSG_MAX 512 /* the message's size, NUL included; block/block.h says the same */
 int vd_error(int err, const char *fmt, ...) VD_PRINTF(2, 3);
 void vd_error_clear(void);
 
