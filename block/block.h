@@ -366,6 +366,7 @@ json_t *vd_opts_parse(const char *str);
  * small: check text from untrusted sources before json_loads().
  */
 bool vd_json_too_deep(const char *text, size_t len, unsigned max);
+#define VD_JSON_MAX_NESTING 64 /* what specs and control commands may nest */
 /* Parse spec as above: "json:{...}", "{...}", dotted, or a plain filename (-> {"filename": spec}). */
 json_t *vd_opts_parse_spec(const char *spec);
 /* Typed option getters on a JSON object (strings "on"/"off"/numbers accepted). */

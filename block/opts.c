@@ -213,9 +213,6 @@ static json_t *unflatten(json_t *in, const char *what)
 	return out;
 }
 
-/* Deepest [ and { in a JSON spec: jansson recurses per level, and coroutine stacks are small. */
-#define MAX_JSON_NESTING 64
-
 bool vd_json_too_deep(const char *text, size_t len, unsigned max)
 {
 	bool in_str = false;
@@ -247,7 +244,7 @@ static json_t *parse_json_spec(const char *text, const char *spec)
 	json_t *j, *out;
 
 	/* Specs come from images too (backing files) and may be opened on a coroutine's small stack. */
-	if (vd_json_too_deep(text, strlen(text), MAX_JSON_NESTING)) {
+	if (vd_json_too_deep(text, strlen(text), VD_JSON_MAX_NESTING)) {
 		vd_error(EINVAL, "invalid JSON options '%.64s...': nested too deep", spec);
 		return NULL;
 	}

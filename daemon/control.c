@@ -30,7 +30,6 @@
 
 #define MAX_LINE (4u << 20)    /* longest command line */
 #define MAX_OUTPUT (16u << 20) /* unsent replies and events before a client is dropped */
-#define MAX_NESTING 64         /* deepest [ and { in a command */
 
 struct ctl_listener {
 	struct ctl_listener *next;
@@ -502,7 +501,7 @@ static void execute(struct ctl_client *c, const char *line, size_t len)
 	 * Commands run on a coroutine's small stack, where jansson's recursive
 	 * parse, dump and free overflow long before its own depth limit (2048).
 	 */
-	if (vd_json_too_deep(line, len, MAX_NESTING)) {
+	if (vd_json_too_deep(line, len, VD_JSON_MAX_NESTING)) {
 		send_json(c, error_reply("GenericError", "JSON parse error: nesting too deep", NULL));
 		return;
 	}

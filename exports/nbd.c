@@ -2403,10 +2403,10 @@ static void lane_shutdown(void *opaque)
 		next = c->next; /* waking c's reader may free c */
 		c->closing = true;
 		vd_co_queue_wake_all(&c->slot_wait);
-		vd_co_queue_wake_all(&lane->budget_wait);
 		/* The reader stops; a writer blocked on a full socket retries until the grace period ends. */
 		vdd_cofd_wake(&c->cofd);
 	}
+	vd_co_queue_wake_all(&lane->budget_wait); /* readers held for the lane's budget see `closing` too */
 	if (lane->conns && !lane->grace && (lane->grace = vdd_timer_new(grace_expired, lane)))
 		vdd_timer_arm(lane->grace, SHUTDOWN_GRACE_NS);
 }
